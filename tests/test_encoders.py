@@ -1,0 +1,132 @@
+"""IdEncoder: LabelEncoder semantics over string ids, and an exact JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.preprocessing import LabelEncoder
+
+from mfserve.training.encoders import IdEncoder, UnknownIdError
+
+ids_strategy = st.lists(st.text(max_size=6), min_size=1, max_size=40)
+
+
+def test_fit_sorts_unique_ids_as_strings() -> None:
+    encoder = IdEncoder().fit(["b", "a", "10", "2", "a"])
+    assert encoder.classes == ["10", "2", "a", "b"]  # string order, not numeric
+    assert len(encoder) == 4
+    assert encoder.transform(["a", "10", "b"]).tolist() == [2, 0, 3]
+    assert encoder.transform(["a"]).dtype == np.int64
+
+
+def test_integer_ids_become_their_text() -> None:
+    encoder = IdEncoder().fit(np.array([1, 10, 2]))
+    assert encoder.classes == ["1", "10", "2"]
+    assert encoder.transform([1, "10"]).tolist() == [0, 1]
+    assert encoder.index_of(2) == encoder.index_of("2") == 2
+    assert 10 in encoder
+
+
+def test_non_id_values_are_rejected() -> None:
+    with pytest.raises(TypeError):
+        IdEncoder().fit([1.0, 2.0])
+    with pytest.raises(TypeError):
+        IdEncoder().fit(["a", None])
+    with pytest.raises(TypeError):
+        IdEncoder().fit("abc")  # a single string is not a collection of ids
+
+
+def test_round_trip() -> None:
+    ids = ["u3", "u1", "u2", "u1"]
+    encoder = IdEncoder().fit(ids)
+    assert encoder.inverse_transform(encoder.transform(ids)) == ids
+    restored = IdEncoder.from_list(json.loads(json.dumps(encoder.to_list())))
+    assert restored == encoder
+    assert restored.transform(ids).tolist() == encoder.transform(ids).tolist()
+
+
+def test_agrees_with_sklearn_label_encoder() -> None:
+    ids = [str(v) for v in np.random.default_rng(0).integers(0, 500, 2_000)]
+    ours, theirs = IdEncoder(), LabelEncoder()
+    assert ours.fit_transform(ids).tolist() == theirs.fit_transform(ids).tolist()
+    assert ours.classes == theirs.classes_.tolist()
+    assert ours.inverse_transform([0, 5, 7]) == theirs.inverse_transform([0, 5, 7]).tolist()
+
+
+def test_unknown_id_names_the_first_one() -> None:
+    encoder = IdEncoder().fit(["a", "b"])
+    with pytest.raises(KeyError) as caught:
+        encoder.transform(["a", "zz", "yy"])
+    assert str(caught.value) == "unknown id 'zz' (and 1 more)"
+    assert caught.value.id == "zz"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="unknown id 'c'"):  # LabelEncoder's exception type too
+        encoder.transform(["c"])
+    assert isinstance(caught.value, UnknownIdError)
+    assert encoder.index_of("zz") is None
+    assert "zz" not in encoder
+
+
+def test_inverse_transform_rejects_bad_indices() -> None:
+    encoder = IdEncoder().fit(["a", "b"])
+    with pytest.raises(ValueError, match="index 2 is out of range"):
+        encoder.inverse_transform([0, 2])
+    with pytest.raises(ValueError, match="index -1"):
+        encoder.inverse_transform(np.array([-1]))
+    with pytest.raises(TypeError):
+        encoder.inverse_transform([0.5])
+    assert encoder.inverse_transform([]) == []
+    assert encoder.inverse_transform(i for i in (1, 0)) == ["b", "a"]
+
+
+def test_from_list_validates() -> None:
+    with pytest.raises(ValueError, match="unsorted"):
+        IdEncoder.from_list(["b", "a"])
+    with pytest.raises(ValueError, match="duplicated"):
+        IdEncoder.from_list(["a", "a"])
+    with pytest.raises(TypeError, match=r"classes\[1\] is int"):
+        IdEncoder.from_list(["a", 1])
+    with pytest.raises(TypeError):
+        IdEncoder.from_list("ab")  # type: ignore[arg-type]
+    assert len(IdEncoder.from_list([])) == 0
+
+
+def test_classes_is_a_copy() -> None:
+    encoder = IdEncoder().fit(["a", "b"])
+    encoder.classes.append("c")
+    assert encoder.classes == ["a", "b"]
+
+
+def test_empty_encoder() -> None:
+    encoder = IdEncoder()
+    assert len(encoder) == 0
+    assert encoder.transform([]).tolist() == []
+    with pytest.raises(KeyError):
+        encoder.transform(["a"])
+
+
+@given(ids_strategy)
+def test_property_matches_label_encoder_and_round_trips(ids: list[str]) -> None:
+    encoder = IdEncoder()
+    codes = encoder.fit_transform(ids)
+    # object dtype: numpy's fixed-width unicode would drop trailing NULs and change the ids
+    reference = LabelEncoder().fit(np.array(ids, dtype=object))
+    assert encoder.classes == sorted(set(ids)) == reference.classes_.tolist()
+    assert codes.tolist() == reference.transform(np.array(ids, dtype=object)).tolist()
+    assert encoder.inverse_transform(codes) == ids
+    restored = IdEncoder.from_list(json.loads(json.dumps(encoder.to_list())))
+    assert restored.classes == encoder.classes
+    assert all(restored.index_of(i) == c for i, c in zip(ids, codes.tolist(), strict=True))
+
+
+def test_pandas_string_columns_take_the_fast_path() -> None:
+    column = pd.Series(["b", "a", "b"], dtype="string")
+    encoder = IdEncoder().fit(column)
+    assert encoder.classes == ["a", "b"]
+    assert encoder.transform(column).tolist() == [1, 0, 1]
+    with pytest.raises(TypeError, match="missing"):
+        encoder.transform(pd.Series(["a", None], dtype="string"))

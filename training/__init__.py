@@ -1,0 +1,1 @@
+"""Training side of mfserve: data loading, encoders, model fitting, evaluation and artifacts."""
