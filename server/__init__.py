@@ -1,0 +1,33 @@
+"""``mfserve.server``: the gRPC server over a loaded artifact (the ``[server]`` extra).
+
+Public API: ``create_server``, ``ServerConfig``, ``RecommenderServer``, ``serve``, ``ModelHolder``.
+They are imported lazily so that ``mfserve.server.cli`` (argparse only) stays importable, and
+``mfserve --help`` fast, without grpc or torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mfserve.server.app import RecommenderServer, ServerConfig, create_server, serve
+    from mfserve.server.model_holder import ModelHolder
+
+_EXPORTS = {
+    "create_server": "mfserve.server.app",
+    "serve": "mfserve.server.app",
+    "ServerConfig": "mfserve.server.app",
+    "RecommenderServer": "mfserve.server.app",
+    "ModelHolder": "mfserve.server.model_holder",
+}
+
+__all__ = ["ModelHolder", "RecommenderServer", "ServerConfig", "create_server", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mfserve.server' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,164 @@
+"""``mfserve serve``: the command line of the server.
+
+``register`` only touches argparse, so the ``mfserve`` dispatcher (``mfserve.client._cli``) can
+build its full ``--help`` on a client-only install. The handler ``run_serve`` imports grpc, torch
+and the server when it runs.
+
+The defaults below repeat ``ServerConfig``'s (importing it here would pull in grpc and torch);
+``tests/test_server_cli.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEFAULT_MAX_BATCH_PAIRS = 100_000
+DEFAULT_MAX_K = 1_000
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_GRACE = 5.0
+DEFAULT_COMPUTE_THREADS = 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# One line per record; the start line is machine-parseable:
+#   ... INFO mfserve: serving movielens v1 on 127.0.0.1:43521
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="serve a trained model over gRPC",
+        description=(
+            "Serve a trained model over gRPC (mfserve.v1.RecommenderService, plus the standard "
+            "grpc.health.v1 health service and server reflection). Stops gracefully on SIGTERM or "
+            "SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls get --grace "
+            "seconds to finish, and the exit code is 0. Requires the [server] extra."
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="model folder (models/NAME: its newest numbered version is served) or one version "
+        "folder (models/NAME/N). Required.",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on; 0.0.0.0 for all interfaces (default: {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to listen on; 0 picks a free one and logs it (default: {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--max-batch-pairs",
+        type=int,
+        default=DEFAULT_MAX_BATCH_PAIRS,
+        metavar="N",
+        help="most (user, item) pairs one BatchPredict may hold "
+        f"(default: {DEFAULT_MAX_BATCH_PAIRS})",
+    )
+    parser.add_argument(
+        "--max-k",
+        type=int,
+        default=DEFAULT_MAX_K,
+        metavar="K",
+        help=f"largest k for TopK and SimilarItems (default: {DEFAULT_MAX_K})",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_RPCS,
+        metavar="N",
+        help="calls served at once; more get RESOURCE_EXHAUSTED; 0 means unbounded "
+        f"(default: {DEFAULT_MAX_CONCURRENT_RPCS})",
+    )
+    parser.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_MB,
+        metavar="MB",
+        help="largest request or response message in MiB; larger ones get RESOURCE_EXHAUSTED "
+        f"(default: {DEFAULT_MAX_MESSAGE_MB})",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help=f"on shutdown, how long in-flight calls may take to finish (default: {DEFAULT_GRACE})",
+    )
+    parser.add_argument(
+        "--compute-threads",
+        type=int,
+        default=DEFAULT_COMPUTE_THREADS,
+        metavar="N",
+        help="threads running model calls off the event loop; 0 runs them on the loop "
+        f"(default: {DEFAULT_COMPUTE_THREADS})",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per call: method, status, milliseconds, peer (default: off)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=LOG_LEVELS,
+        type=str.upper,
+        help="logging threshold (default: INFO)",
+    )
+    # `handler` is what the dispatchers call; `func` is the common argparse idiom, set for either.
+    parser.set_defaults(handler=run_serve, func=run_serve)
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``mfserve serve``: build the config, load the model, serve until a signal."""
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("mfserve").setLevel(args.log_level)
+    log = logging.getLogger("mfserve.server")
+    try:
+        from mfserve.server.app import BindError, MiB, ServerConfig, serve
+        from mfserve.training.artifact import ArtifactError
+    except ImportError as exc:  # the [server] extra is missing
+        print(
+            f"mfserve serve: {exc}; install the server extra: pip install 'mfserve[server]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            max_batch_pairs=args.max_batch_pairs,
+            max_k=args.max_k,
+            max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+            max_receive_message_bytes=args.max_message_mb * MiB,
+            max_send_message_bytes=args.max_message_mb * MiB,
+            grace_seconds=args.grace,
+            access_log=args.access_log,
+            compute_threads=args.compute_threads,
+        )
+    except ValueError as exc:
+        print(f"mfserve serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        code: int = serve(config, args.model)
+        return code
+    except ArtifactError as exc:
+        log.error("mfserve: cannot load the model: %s", exc)
+        return 1
+    except BindError as exc:
+        log.error("%s", exc)
+        return 1
