@@ -141,7 +141,7 @@ CASES: list[tuple[str, Any, grpc.StatusCode, str, tuple[str, ...]]] = [
     CASES,
     ids=[f"{c[0]}-{c[2].name}-{c[3]}-{i}" for i, c in enumerate(CASES)],
 )
-def test_error(  # noqa: PLR0917 (pytest parameters)
+def test_error(
     stub: Any, rpc: str, request_: Any, code: grpc.StatusCode, field: str, texts: tuple[str, ...]
 ) -> None:
     check(call_error(getattr(stub, rpc), request_), code, field, *texts)
