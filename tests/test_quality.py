@@ -20,13 +20,6 @@ from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def movielens_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
-    from mfserve.training.pipeline import train_and_save
-
-    return train_and_save(tmp_path_factory.mktemp("models") / "movielens", progress=False)
-
-
 def test_default_recipe_meets_targets(movielens_model: tuple[Path, dict[str, float]]) -> None:
     _, metrics = movielens_model
     assert metrics["rmse"] <= 0.840, metrics
@@ -83,22 +76,50 @@ def test_metrics_from_outside_match_evaluate(
     assert ndcg == pytest.approx(metrics["ndcg_at_10"], abs=0.002)
 
 
-def test_top_k_for_user_1_is_believable(movielens_model: tuple[Path, dict[str, float]]) -> None:
-    from mfserve.training.data import load_ratings
-
-    path, _ = movielens_model
-    frame = load_ratings(None, progress=False).ratings
-    rated_by_1 = set(frame.loc[frame["user"] == "1", "item"])
+def _top_10_for_user_1(path: Path) -> list[pb.ScoredItem]:
     with running_server(path) as address, grpc.insecure_channel(address) as channel:
         answer = pb_grpc.RecommenderServiceStub(channel).TopK(
             pb.TopKRequest(user_id="1", k=10, include_metadata=True)
         )
-    assert len(answer.items) == 10
-    assert not {entry.item_id for entry in answer.items} & rated_by_1  # the training part, at least
-    assert all(entry.title and entry.genres for entry in answer.items)
+    return list(answer.items)
+
+
+def _assert_believable(items: list[pb.ScoredItem]) -> None:
+    assert len(items) == 10
+    assert all(entry.title and entry.genres for entry in items)
     # User 1 rates action/adventure classics highly; so should their list lean.
-    genres = [g for entry in answer.items for g in entry.genres]
+    genres = [g for entry in items for g in entry.genres]
     assert sum(g in ("Action", "Adventure", "Sci-Fi", "Thriller") for g in genres) >= 5
+
+
+def test_top_k_for_user_1_skips_what_the_model_saw(
+    movielens_model: tuple[Path, dict[str, float]],
+) -> None:
+    """The protocol model never saw the held-out 20%: only the training part is 'seen' to it."""
+    from mfserve.training.data import load_ratings
+    from mfserve.training.pipeline import protocol_for
+
+    path, _ = movielens_model
+    protocol = protocol_for(load_ratings(None, progress=False), 0.2, 42)
+    user = protocol.users.index_of("1")
+    seen = set(protocol.items.inverse_transform(protocol.train_by_user.row(user)))
+    items = _top_10_for_user_1(path)
+    assert not {entry.item_id for entry in items} & seen
+    _assert_believable(items)
+
+
+def test_production_model_never_recommends_a_rated_movie(tmp_path: Path) -> None:
+    """``--holdout 0`` learns from every rating, so no movie user 1 ever rated comes back."""
+    from mfserve.training.data import load_ratings
+    from mfserve.training.pipeline import train_and_save
+
+    path, metrics = train_and_save(tmp_path / "movielens", holdout=0.0, progress=False)
+    assert "rmse" not in metrics  # nothing held out, nothing to measure on
+    frame = load_ratings(None, progress=False).ratings
+    rated_by_1 = set(frame.loc[frame["user"] == "1", "item"])
+    items = _top_10_for_user_1(path)
+    assert not {entry.item_id for entry in items} & rated_by_1
+    _assert_believable(items)
 
 
 def test_default_recipe_is_bit_identical() -> None:
