@@ -23,6 +23,10 @@ DEFAULT_MAX_CONCURRENT_RPCS = 256
 DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_GRACE = 5.0
 DEFAULT_COMPUTE_THREADS = 1
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+DEFAULT_WORKERS = 1
+DEFAULT_TORCH_THREADS = 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # One line per record; the start line is machine-parseable:
@@ -107,6 +111,42 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         f"(default: {DEFAULT_COMPUTE_THREADS})",
     )
     parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        metavar="N",
+        help="dynamic batching: at most N concurrent calls of one kind (Predict and BatchPredict, "
+        "TopK, SimilarItems) are answered by one tensor operation; 1 turns batching off "
+        f"(default: {DEFAULT_MAX_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_DELAY_US,
+        metavar="US",
+        help="dynamic batching: how long an idle batcher may hold a call, in microseconds, for "
+        "more calls to join its batch; it waits only while other calls are in the server, never "
+        "for a lone call. 0: calls are batched only while a batch is computing "
+        f"(default: {DEFAULT_MAX_QUEUE_DELAY_US})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help="server processes sharing the port (SO_REUSEPORT), forked after the model is loaded "
+        "so they share its memory; the parent supervises them and forwards SIGTERM/SIGINT. "
+        f"0: one per CPU core (default: {DEFAULT_WORKERS})",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=DEFAULT_TORCH_THREADS,
+        metavar="N",
+        help="torch intra-op threads per server process; 0: torch's default, one per core "
+        f"(default: {DEFAULT_TORCH_THREADS})",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         help="log one line per call: method, status, milliseconds, peer (default: off)",
@@ -149,6 +189,10 @@ def run_serve(args: argparse.Namespace) -> int:
             grace_seconds=args.grace,
             access_log=args.access_log,
             compute_threads=args.compute_threads,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            workers=args.workers,
+            torch_threads=args.torch_threads,
         )
     except ValueError as exc:
         print(f"mfserve serve: {exc}", file=sys.stderr)

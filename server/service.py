@@ -4,9 +4,12 @@ Each RPC runs in three steps, kept apart so later work can slot in between them:
 
 1. parse + validate the request (``mfserve.server.validation``; raises ``ServiceError``),
 2. read the model ONCE from the ``ModelHolder`` and map ids to rows (vectorised),
-3. call the model through the compute seam ``_predict_rows`` / ``_top_k_rows`` / ``_similar_rows``.
-   A dynamic batcher replaces these three methods (coalescing rows from concurrent calls); today
-   they run the model call inline or on a small thread pool so the event loop stays responsive.
+3. call the model through the compute seam ``_predict_rows`` / ``_top_k_rows`` / ``_similar_rows``,
+   which hand the call to a dynamic batcher (``mfserve.server.batching``): concurrent calls of a
+   kind are coalesced into one tensor operation that runs off the event loop.
+
+Validation happens per call before anything is queued, so a bad request never reaches a batch
+and never fails its neighbours.
 
 Errors: a ``ServiceError`` becomes its status with a ``google.rpc.BadRequest`` detail; any other
 exception is logged with its traceback and answered ``INTERNAL``, so a bug in one handler never
@@ -15,11 +18,10 @@ takes the server down.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from datetime import datetime
 from typing import Any, TypeVar
@@ -28,6 +30,18 @@ import grpc
 import numpy as np
 import torch
 
+from mfserve.server.batching import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    Batcher,
+    PredictPayload,
+    RankedRow,
+    RankPayload,
+    predict_batch,
+    predict_rows,
+    similar_batch,
+    top_k_batch,
+)
 from mfserve.server.errors import ServiceError, abort, internal, not_found, unavailable
 from mfserve.server.model_holder import ModelHolder
 from mfserve.server.validation import (
@@ -49,7 +63,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Ranked = list[tuple[torch.Tensor, torch.Tensor]]
+
+# Shared options of the common TopK call (no lists): no allocation per call.
+_RANK_UNSEEN = RankRequest(exclude_seen=True)
+_RANK_ALL = RankRequest(exclude_seen=False)
+# A BatchPredict batch stops growing at this many pairs (a call larger than this goes alone): big
+# enough to amortise the per-batch cost, small enough that 64 calls of 100,000 pairs never gather
+# a gigabyte of factors at once.
+PREDICT_BATCH_ROWS = 131_072
 
 
 def _rpc(
@@ -61,6 +82,8 @@ def _rpc(
     async def handler(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
+        # Calls inside the handlers: the batcher delays a dispatch only while others may join.
+        self.in_flight += 1
         try:
             return await method(self, request)
         except ServiceError as error:
@@ -70,6 +93,8 @@ def _rpc(
             await abort(
                 context, internal(f"{method.__name__} failed: internal error (see the server log)")
             )
+        finally:
+            self.in_flight -= 1
         raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
     return handler
@@ -91,38 +116,64 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         max_batch_pairs: int = 100_000,
         max_k: int = 1_000,
         executor: Executor | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
     ) -> None:
         self.holder = holder
         self.max_batch_pairs = max_batch_pairs
         self.max_k = max_k
-        # None: model calls run inline on the event loop (lowest latency for tiny calls).
-        self._executor = executor
+        self.in_flight = 0  # calls inside the handlers (event-loop thread only)
+        # executor None: batches are computed inline on the event loop.
+        options: dict[str, Any] = {
+            "executor": executor,
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_us": max_queue_delay_us,
+            "in_flight": self._in_flight,
+        }
+        self.predict_batcher: Batcher[PredictPayload, list[float]] = Batcher(
+            "predict",
+            predict_batch,
+            max_batch_rows=PREDICT_BATCH_ROWS,
+            rows=predict_rows,
+            **options,
+        )
+        self.top_k_batcher: Batcher[RankPayload, RankedRow] = Batcher(
+            "top_k", top_k_batch, **options
+        )
+        self.similar_batcher: Batcher[RankPayload, RankedRow] = Batcher(
+            "similar_items", similar_batch, **options
+        )
+
+    def _in_flight(self) -> int:
+        return self.in_flight
+
+    @property
+    def batchers(self) -> dict[str, Batcher[Any, Any]]:
+        """The batchers by kind (``predict``, ``top_k``, ``similar_items``), e.g. for stats."""
+        return {b.name: b for b in (self.predict_batcher, self.top_k_batcher, self.similar_batcher)}
 
     # ------------------------------------------------------------------ compute seam
-    async def _compute(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._executor is None:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+    # Each returns an awaitable (the batcher's future): this call's share of a batch.
+    def _predict_rows(
+        self, model: Recommender, users: np.ndarray, items: np.ndarray
+    ) -> Awaitable[list[float]]:
+        """Ratings for row pairs (-1 = unknown: the cold-start estimate)."""
+        future: Awaitable[list[float]] = self.predict_batcher.submit(model, (users, items))
+        return future
 
-    async def _predict_rows(
-        self, model: Recommender, users: torch.Tensor, items: torch.Tensor
-    ) -> torch.Tensor:
-        """Ratings for row pairs (-1 = unknown: cold-start estimate). A batcher may replace this."""
-        result: torch.Tensor = await self._compute(model.predict, users, items)
-        return result
+    def _top_k_rows(
+        self, model: Recommender, user: int, k: int, rank: RankRequest
+    ) -> Awaitable[RankedRow]:
+        """The best ``k`` items for one user row (-1: the popularity ranking)."""
+        future: Awaitable[RankedRow] = self.top_k_batcher.submit(model, (user, k, rank))
+        return future
 
-    async def _top_k_rows(
-        self, model: Recommender, users: torch.Tensor, k: int, requests: Sequence[RankRequest]
-    ) -> Ranked:
-        result: Ranked = await self._compute(model.top_k, users, k, requests)
-        return result
-
-    async def _similar_rows(
-        self, model: Recommender, items: torch.Tensor, k: int, requests: Sequence[RankRequest]
-    ) -> Ranked:
-        result: Ranked = await self._compute(model.similar_items, items, k, requests)
-        return result
+    def _similar_rows(
+        self, model: Recommender, item: int, k: int, rank: RankRequest
+    ) -> Awaitable[RankedRow]:
+        """The ``k`` items nearest to one item row."""
+        future: Awaitable[RankedRow] = self.similar_batcher.submit(model, (item, k, rank))
+        return future
 
     def _model(self) -> Recommender:
         """The model for this call; read once so one call never mixes two versions."""
@@ -146,9 +197,9 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             raise not_found(
                 {"user_id": missing_users, "item_id": missing_items}, hint=COLD_START_HINT
             )
-        ratings = await self._predict_rows(model, torch.from_numpy(users), torch.from_numpy(items))
+        ratings = await self._predict_rows(model, users, items)
         return pb.PredictResponse(
-            rating=float(ratings[0]),
+            rating=ratings[0],
             model_version=model.artifact.version,
             missing_user_ids=missing_users,
             missing_item_ids=missing_items,
@@ -168,15 +219,14 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             raise not_found(
                 {"user_ids": missing_users, "item_ids": missing_items}, hint=COLD_START_HINT
             )
-        # One gather + row-wise dot for the whole batch.
-        ratings = await self._predict_rows(model, torch.from_numpy(users), torch.from_numpy(items))
-        response = pb.BatchPredictResponse(
+        # One gather + row-wise dot for the whole batch (and for concurrent calls' pairs too).
+        ratings = await self._predict_rows(model, users, items)
+        return pb.BatchPredictResponse(
+            ratings=ratings,
             model_version=model.artifact.version,
             missing_user_ids=missing_users,
             missing_item_ids=missing_items,
         )
-        response.ratings.extend(ratings.tolist())
-        return response
 
     @_rpc
     async def TopK(self, request: pb.TopKRequest) -> pb.TopKResponse:  # noqa: N802 (gRPC name)
@@ -188,8 +238,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
         model = self._model()
 
-        users = model.user_rows([user])
-        missing_user = [user] if users[0] < 0 else []
+        row = model.user_row(user)
+        missing_user = [user] if row < 0 else []
         candidates: torch.Tensor | None = None
         missing_candidates: list[str] = []
         if len(request.candidate_item_ids):
@@ -202,12 +252,15 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
                 {"user_id": missing_user, "candidate_item_ids": missing_candidates},
                 hint=COLD_START_HINT,
             )
-        rank = RankRequest(
-            exclude_seen=exclude_seen,
-            exclude=_known(model.item_rows(request.exclude_item_ids)),
-            candidates=candidates,
-        )
-        [(rows_out, scores)] = await self._top_k_rows(model, torch.from_numpy(users), k, [rank])
+        if candidates is None and not len(request.exclude_item_ids):
+            rank = _RANK_UNSEEN if exclude_seen else _RANK_ALL
+        else:
+            rank = RankRequest(
+                exclude_seen=exclude_seen,
+                exclude=_known(model.item_rows(request.exclude_item_ids)),
+                candidates=candidates,
+            )
+        rows_out, scores = await self._top_k_rows(model, row, k, rank)
         response = pb.TopKResponse(
             model_version=model.artifact.version, missing_ids=missing_user + missing_candidates
         )
@@ -222,8 +275,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         require_ids("candidate_item_ids", request.candidate_item_ids)
         model = self._model()
 
-        items = model.item_rows([item])
-        missing_item = [item] if items[0] < 0 else []
+        row = model.item_row(item)
+        missing_item = [item] if row < 0 else []
         candidates: torch.Tensor | None = None
         missing_candidates: list[str] = []
         if len(request.candidate_item_ids):
@@ -238,7 +291,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             exclude=_known(model.item_rows(request.exclude_item_ids)),
             candidates=candidates,
         )
-        [(rows_out, scores)] = await self._similar_rows(model, torch.from_numpy(items), k, [rank])
+        rows_out, scores = await self._similar_rows(model, row, k, rank)
         response = pb.SimilarItemsResponse(model_version=model.artifact.version)
         _add_scored(response.items, model, rows_out, scores, request.include_metadata)
         return response
@@ -249,14 +302,18 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
 
 
 def _add_scored(
-    items: Any, model: Recommender, rows: torch.Tensor, scores: torch.Tensor, include_metadata: bool
+    items: Any, model: Recommender, rows: list[int], scores: list[float], include_metadata: bool
 ) -> None:
     """Append ranked items to a repeated ``ScoredItem`` field (the one per-item loop: output)."""
     ids = model.item_ids
+    if not include_metadata:
+        add = items.add
+        for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1):
+            add(item_id=ids[row], score=score, rank=rank)
+        return
     artifact = model.artifact
-    titles = artifact.item_titles if include_metadata else None
-    genres = artifact.item_genres if include_metadata else None
-    for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), start=1):
+    titles, genres = artifact.item_titles, artifact.item_genres
+    for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1):
         scored = items.add(item_id=ids[row], score=score, rank=rank)
         if titles is not None and titles[row]:
             scored.title = titles[row]

@@ -25,6 +25,10 @@ FLAGS = [
     "--max-message-mb",
     "--grace",
     "--compute-threads",
+    "--max-batch-size",
+    "--max-queue-delay-us",
+    "--workers",
+    "--torch-threads",
     "--access-log",
     "--log-level",
 ]
@@ -73,10 +77,14 @@ def test_defaults_match_server_config() -> None:
     )
     assert args.grace == defaults.grace_seconds
     assert args.compute_threads == defaults.compute_threads
+    assert args.max_batch_size == defaults.max_batch_size
+    assert args.max_queue_delay_us == defaults.max_queue_delay_us
+    assert args.workers == defaults.workers
+    assert args.torch_threads == defaults.torch_threads
     assert args.access_log is defaults.access_log is False
     assert args.handler is cli.run_serve
     # Every ServerConfig field is reachable from the command line or fixed on purpose.
-    fixed = {"so_reuseport"}  # turned on by the future --workers, never by hand
+    fixed = {"so_reuseport"}  # turned on by --workers in its worker processes, never by hand
     assert {f.name for f in dataclasses.fields(ServerConfig)} - fixed <= {
         "host",
         "port",
@@ -88,6 +96,10 @@ def test_defaults_match_server_config() -> None:
         "grace_seconds",
         "access_log",
         "compute_threads",
+        "max_batch_size",
+        "max_queue_delay_us",
+        "workers",
+        "torch_threads",
     }
 
 

@@ -32,7 +32,9 @@ def synthetic_artifact(
     """
     generator = torch.Generator().manual_seed(seed)
     clusters = max(1, min(clusters, n_items))
-    centres = torch.nn.functional.normalize(torch.randn(clusters, factors, generator=generator), dim=1)
+    centres = torch.nn.functional.normalize(
+        torch.randn(clusters, factors, generator=generator), dim=1
+    )
     item_cluster = torch.arange(n_items) % clusters
     user_cluster = torch.arange(n_users) % clusters
     item_factors = centres[item_cluster] + 0.15 * torch.randn(n_items, factors, generator=generator)
@@ -72,5 +74,8 @@ def synthetic_artifact(
         item_titles=[f"Item {row}" for row in range(n_items)] if titles else None,
         item_genres=[[f"cluster-{row % clusters}"] for row in range(n_items)] if titles else None,
         hyperparameters={"synthetic": True, "clusters": clusters, "seed": seed},
-        dataset={"source": "synthetic", "fingerprint": f"synthetic-{n_users}x{n_items}x{factors}-{seed}"},
+        dataset={
+            "source": "synthetic",
+            "fingerprint": f"synthetic-{n_users}x{n_items}x{factors}-{seed}",
+        },
     )

@@ -1,0 +1,314 @@
+"""Dynamic batching: concurrent calls of one kind coalesced into one tensor operation.
+
+A :class:`Batcher` per kind (predict, top-k, similar items) sits behind the servicer's compute
+seams. Scoring a batch of 64 users against the catalogue costs little more than scoring one (one
+GEMM streams the item table once instead of 64 times, and the per-op overheads are paid once), so
+under load the server answers more calls per second by answering them together.
+
+Policy ("opportunistic", like Triton's dynamic batcher but without making a lone call wait):
+
+* At most one batch per kind computes at a time. While it computes, new calls queue; when it
+  finishes, everything queued (up to ``max_batch_size``) is dispatched at once as the next batch.
+* When nothing is computing, a new call is dispatched on the next event-loop turn, so calls that
+  arrived in the same turn share its batch but a lone call never waits for company.
+* ``max_queue_delay_us`` (default 0) additionally holds an idle dispatch for up to that long, but
+  only while other calls are inside the server and may still join (``in_flight`` says how many);
+  a full batch is dispatched at once.
+
+Everything here runs on the event-loop thread except the compute function, which runs on the
+executor (torch releases the GIL inside matmul and top-k). Results come back with one
+``call_soon_threadsafe`` per batch, not per call. Each call is an asyncio future: a call that is
+cancelled (client cancel or deadline: grpc.aio cancels the handler, which cancels the future it
+awaits) before its batch starts is dropped from the batch; one cancelled later is computed and
+discarded. A batch whose compute raises is recomputed call by call, so only the call that fails
+gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from mfserve.training.recommender import RankRequest, Recommender
+
+log = logging.getLogger("mfserve.server")
+
+P = TypeVar("P")  # what one call contributes to a batch
+R = TypeVar("R")  # what one call gets back
+# compute(model, payloads) -> one result per payload, in order.
+Compute = Callable[[Recommender, list[P]], list[R]]
+# (results, {position: error}, whether the batch failed and was recomputed call by call)
+Outcome = tuple[list[Any], dict[int, BaseException], bool]
+
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+
+
+@dataclass
+class BatchStats:
+    """Counters of one batcher (updated on the event-loop thread; read them from anywhere)."""
+
+    calls: int = 0  # calls submitted
+    batches: int = 0  # batches computed
+    computed: int = 0  # calls computed (the sum of batch sizes)
+    dropped: int = 0  # calls cancelled before their batch started (never computed)
+    delayed: int = 0  # dispatches that waited up to max_queue_delay_us for more calls
+    fallbacks: int = 0  # batches that raised and were recomputed call by call
+    errors: int = 0  # calls answered with a compute error
+    max_batch: int = 0  # largest batch so far
+    sizes: Counter[int] = field(default_factory=Counter)  # batch size -> how many batches
+
+
+Entry = tuple[Recommender, Any, "asyncio.Future[Any]"]
+
+
+class Batcher(Generic[P, R]):
+    """Coalesces concurrent ``submit`` calls into batches for ``compute`` (see module doc)."""
+
+    def __init__(
+        self,
+        name: str,
+        compute: Compute[P, R],
+        *,
+        executor: Executor | None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+        max_batch_rows: int | None = None,
+        rows: Callable[[P], int] | None = None,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_delay_us < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue_delay_us >= 0")
+        self.name = name
+        self.compute = compute  # an attribute, so tests can wrap it
+        self.stats = BatchStats()
+        self._executor = executor  # None: compute inline on the loop thread
+        self._max_batch = max_batch_size
+        self._delay = max_queue_delay_us / 1e6
+        # A row budget (BatchPredict): calls join a batch while it stays under max_batch_rows.
+        self._max_rows = max_batch_rows
+        self._rows = rows
+        self._in_flight = in_flight
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[Entry] = []
+        self._running = False  # a batch is computing
+        self._scheduled = False  # a dispatch is scheduled (next loop turn or delay timer)
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a batch (including cancelled ones not yet dropped)."""
+        return len(self._pending)
+
+    @property
+    def waiting(self) -> int:
+        """Queued calls still wanted (not cancelled): what the next batch would hold."""
+        return sum(1 for entry in self._pending if not entry[2].done())
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def submit(self, model: Recommender, payload: P) -> asyncio.Future[R]:
+        """Queue one call; await the returned future for its result. Event-loop thread only.
+
+        A plain function returning a future (not a coroutine): one allocation less per call.
+        """
+        # Looked up per call (a C call): a server restarted on a new loop must not use the old one.
+        loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        pending = self._pending
+        pending.append((model, payload, future))
+        self.stats.calls += 1
+        if not self._running:
+            if len(pending) >= self._max_batch:
+                self._dispatch()
+            elif not self._scheduled:
+                self._schedule(loop)
+        return future
+
+    # ----------------------------------------------------------------- loop side
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = True
+        in_flight = self._in_flight
+        if self._delay and in_flight is not None and in_flight() > len(self._pending):
+            # Other calls are being parsed or validated right now and may join this batch.
+            self.stats.delayed += 1
+            self._timer = loop.call_later(self._delay, self._dispatch)
+        else:
+            # Next loop turn: calls that arrived in this turn join; a lone call does not wait.
+            loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._running or not self._pending:
+            return
+        batch, rest = self._take(self._pending)
+        self._pending = rest
+        if not batch:
+            return
+        self._running = True
+        model = batch[0][0]
+        payloads = [entry[1] for entry in batch]
+        stats = self.stats
+        stats.batches += 1
+        stats.computed += len(batch)
+        stats.sizes[len(batch)] += 1
+        stats.max_batch = max(stats.max_batch, len(batch))
+        if self._executor is None:
+            self._complete(batch, self._run(model, payloads))
+            return
+        try:
+            done = self._executor.submit(self._run, model, payloads)
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            self._complete(
+                batch, ([None] * len(batch), dict.fromkeys(range(len(batch)), exc), False)
+            )
+            return
+        done.add_done_callback(functools.partial(self._done_threadsafe, batch))
+
+    def _take(self, pending: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """The next batch: live calls of the first live call's model, within the size limits."""
+        batch: list[Entry] = []
+        rest: list[Entry] = []
+        model: Recommender | None = None
+        budget = self._max_rows
+        rows = 0
+        for entry in pending:
+            if entry[2].done():  # cancelled while queued (client cancel or deadline)
+                self.stats.dropped += 1
+                continue
+            if model is None:
+                model = entry[0]
+            # A batch holds one model object: calls that read the holder after a swap wait.
+            if entry[0] is not model or len(batch) >= self._max_batch:
+                rest.append(entry)
+                continue
+            if budget is not None and self._rows is not None:
+                size = self._rows(entry[1])
+                if batch and rows + size > budget:
+                    rest.append(entry)
+                    continue
+                rows += size
+            batch.append(entry)
+        return batch, rest
+
+    def _done_threadsafe(self, batch: list[Entry], done: Future[Outcome]) -> None:
+        # Runs on the worker thread: hand the whole batch back to the loop in one wake-up.
+        loop = self._loop
+        assert loop is not None
+        # RuntimeError: the loop is closed; the server is gone and nobody is waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._complete_future, batch, done)
+
+    def _complete_future(self, batch: list[Entry], done: Future[Outcome]) -> None:
+        try:
+            outcome = done.result()
+        except BaseException as exc:  # cancelled by executor shutdown
+            error = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
+            outcome = _failed(len(batch), error)
+        self._complete(batch, outcome)
+
+    def _complete(self, batch: list[Entry], outcome: Outcome) -> None:
+        self._running = False
+        results, errors, fell_back = outcome
+        if fell_back:
+            self.stats.fallbacks += 1
+        self.stats.errors += len(errors)
+        for position, (_, _, future) in enumerate(batch):
+            if future.done():  # cancelled while computing: the answer is discarded
+                continue
+            if errors and position in errors:
+                future.set_exception(errors[position])
+            else:
+                future.set_result(results[position])
+        # Dispatch the next batch before the woken handlers run, so its compute overlaps their
+        # response building.
+        if self._pending and not self._scheduled:
+            self._dispatch()
+
+    # ----------------------------------------------------------------- worker side
+    def _run(self, model: Recommender, payloads: list[P]) -> Outcome:
+        compute = self.compute
+        try:
+            return compute(model, payloads), {}, False
+        except Exception as exc:
+            if len(payloads) == 1:
+                return [None], {0: exc}, False
+        # Isolate the failure: one call's bad input must not fail its neighbours.
+        results: list[R | None] = []
+        errors: dict[int, BaseException] = {}
+        for position, payload in enumerate(payloads):
+            try:
+                results.append(compute(model, [payload])[0])
+            except Exception as exc:
+                results.append(None)
+                errors[position] = exc
+        return results, errors, True
+
+
+def _failed(size: int, error: BaseException) -> Outcome:
+    return [None] * size, dict.fromkeys(range(size), error), False
+
+
+# --------------------------------------------------------------------------- compute kernels
+# What one call contributes to each kind of batch, and the function computing a batch of them.
+PredictPayload = tuple[np.ndarray, np.ndarray]  # user rows, item rows (int64; -1 = unknown)
+RankPayload = tuple[int, int, RankRequest]  # query row, k, per-row options
+RankedRow = tuple[list[int], list[float]]  # item rows, scores; best first
+
+
+def predict_rows(payload: PredictPayload) -> int:
+    return len(payload[0])
+
+
+def predict_batch(model: Recommender, payloads: list[PredictPayload]) -> list[list[float]]:
+    """One gather + row-wise dot for every pair of every call; each call gets its slice."""
+    if len(payloads) == 1:
+        users, items = payloads[0]
+        return [model.predict(torch.from_numpy(users), torch.from_numpy(items)).tolist()]
+    users = np.concatenate([p[0] for p in payloads])
+    items = np.concatenate([p[1] for p in payloads])
+    ratings = model.predict(torch.from_numpy(users), torch.from_numpy(items)).tolist()
+    out: list[list[float]] = []
+    start = 0
+    for payload in payloads:
+        stop = start + len(payload[0])
+        out.append(ratings[start:stop])
+        start = stop
+    return out
+
+
+def _rank_batch(
+    rank: Callable[[torch.Tensor, int, Sequence[RankRequest]], list[RankedRow]],
+    payloads: list[RankPayload],
+) -> list[RankedRow]:
+    # Calls may ask for different k: rank once with the largest and cut each row to its own.
+    rows = torch.tensor([p[0] for p in payloads], dtype=torch.int64)
+    k = max(p[1] for p in payloads)
+    ranked = rank(rows, k, [p[2] for p in payloads])
+    return [
+        (items[:want], scores[:want]) if len(items) > want else (items, scores)
+        for (items, scores), (_, want, _) in zip(ranked, payloads, strict=True)
+    ]
+
+
+def top_k_batch(model: Recommender, payloads: list[RankPayload]) -> list[RankedRow]:
+    return _rank_batch(model.top_k_lists, payloads)
+
+
+def similar_batch(model: Recommender, payloads: list[RankPayload]) -> list[RankedRow]:
+    return _rank_batch(model.similar_items_lists, payloads)
