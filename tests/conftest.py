@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from server_harness import model_dir, server_address, synthetic_model
 
 __all__ = ["model_dir", "movielens_model", "server_address", "synthetic_model"]

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from server_harness import running_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -55,7 +54,9 @@ def test_grpcurl_examples(address: str) -> None:
     for line in commands:
         argv = shlex.split(line.replace(ADDRESS, address))
         assert argv[0] == "grpcurl"
-        result = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [grpcurl, *argv[1:]], capture_output=True, text=True, timeout=60, check=False
+        )
         assert result.returncode == 0, f"{line}\n{result.stderr}"
         if "-d" in argv or argv[-1].endswith("GetModelInfo"):
             reply = json.loads(result.stdout)
@@ -73,7 +74,7 @@ def test_grpcurl_examples(address: str) -> None:
 def test_python_sdk_example(address: str) -> None:
     code = readme_blocks("python")[0].replace(ADDRESS, address)
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -89,7 +90,13 @@ def test_cli_examples(address: str) -> None:
         if not line.strip():
             continue
         result = subprocess.run(
-            line.replace(ADDRESS, address), shell=True, capture_output=True, text=True, timeout=60, env=env
+            line.replace(ADDRESS, address),
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
         )
         assert result.returncode == 0, f"{line}\n{result.stderr}"
         assert result.stdout.strip(), line

@@ -60,7 +60,9 @@ class ModelArtifact:
     item_ids: list[str]
     global_mean: float
     rating_range: tuple[float, float]
-    seen_indptr: torch.Tensor  # int64 [n_users + 1]: user u's training items are seen_indices[p[u]:p[u+1]]
+    seen_indptr: (
+        torch.Tensor
+    )  # int64 [n_users + 1]: user u's training items are seen_indices[p[u]:p[u+1]]
     seen_indices: torch.Tensor  # int64 [n_train_ratings], sorted within each user
     item_popularity: torch.Tensor  # int64 [n_items]: training ratings per item
     item_titles: list[str | None] | None = None
@@ -129,7 +131,9 @@ def save_artifact(root: str | os.PathLike[str], artifact: ModelArtifact) -> Path
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in artifact.tensors.items()}
+        tensors = {
+            name: t.detach().to(torch.float32).contiguous() for name, t in artifact.tensors.items()
+        }
         save_file(tensors, str(staging / MODEL_TENSORS))
         save_file(
             {
@@ -141,7 +145,10 @@ def save_artifact(root: str | os.PathLike[str], artifact: ModelArtifact) -> Path
         )
         _write_json(staging / USERS, list(artifact.user_ids))
         _write_json(staging / ITEMS, list(artifact.item_ids))
-        _write_json(staging / ITEM_METADATA, {"titles": artifact.item_titles, "genres": artifact.item_genres})
+        _write_json(
+            staging / ITEM_METADATA,
+            {"titles": artifact.item_titles, "genres": artifact.item_genres},
+        )
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
         created = artifact.created_time or datetime.now(timezone.utc).isoformat(timespec="seconds")
         while True:
@@ -190,7 +197,9 @@ def resolve_version(path: str | os.PathLike[str]) -> Path:
     if not versions:
         if not path.exists():
             raise ArtifactError(f"{path}: no such model folder")
-        raise ArtifactError(f"{path}: no model version in this folder (expected {path}/<N>/{MANIFEST})")
+        raise ArtifactError(
+            f"{path}: no model version in this folder (expected {path}/<N>/{MANIFEST})"
+        )
     return path / str(versions[-1])
 
 
@@ -209,13 +218,29 @@ def _verify_files(folder: Path, files: dict[str, str]) -> None:
         file = folder / name
         if Path(name).name != name or not file.is_file():
             raise ArtifactError(f"{file}: listed in the manifest but missing")
-        with file.open("rb") as handle:
-            head = handle.read(4)
-        if name.endswith(".safetensors") and head.startswith(_PICKLE_MAGIC):
-            raise ArtifactError(f"{file}: is a pickle (or torch.save zip); mfserve never loads pickles")
+        if name.endswith(".safetensors") and _is_pickle(file):
+            raise ArtifactError(
+                f"{file}: is a pickle (or torch.save zip); mfserve never loads pickles"
+            )
         actual = _sha256(file)
         if actual != expected:
-            raise ArtifactError(f"{file}: sha256 {actual} does not match the manifest's {expected}; the file is corrupt")
+            raise ArtifactError(
+                f"{file}: sha256 {actual} does not match the manifest's {expected}; the file is corrupt"
+            )
+
+
+def _is_pickle(file: Path) -> bool:
+    """Whether ``file`` starts like a pickle or a torch.save zip rather than like safetensors.
+
+    A safetensors file opens with its JSON header's length (u64, little-endian) and then ``{``;
+    that length's first byte is 0x80 for a 640-byte header, so rule safetensors out first.
+    """
+    with file.open("rb") as handle:
+        head = handle.read(9)
+    length = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and length <= file.stat().st_size - 8:
+        return False
+    return head.startswith(_PICKLE_MAGIC)
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -247,25 +272,31 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
     tensors = _load_tensors(folder / MODEL_TENSORS)
     interactions = _load_tensors(folder / INTERACTIONS)
     metadata = _read_json(folder / ITEM_METADATA)
-    artifact = ModelArtifact(
-        tensors=tensors,
-        user_ids=_read_json(folder / USERS),
-        item_ids=_read_json(folder / ITEMS),
-        global_mean=float(manifest["global_mean"]),
-        rating_range=(float(manifest["rating_range"][0]), float(manifest["rating_range"][1])),
-        seen_indptr=interactions["seen_indptr"],
-        seen_indices=interactions["seen_indices"],
-        item_popularity=interactions["item_popularity"],
-        item_titles=metadata.get("titles"),
-        item_genres=metadata.get("genres"),
-        hyperparameters=manifest.get("hyperparameters", {}),
-        metrics=manifest.get("metrics", {}),
-        dataset=manifest.get("dataset", {}),
-        name=str(manifest.get("name", folder.parent.name)),
-        version=int(manifest["version"]),
-        created_time=str(manifest.get("created_time", "")),
-        path=folder,
-    )
+    try:
+        artifact = ModelArtifact(
+            tensors=tensors,
+            user_ids=_read_json(folder / USERS),
+            item_ids=_read_json(folder / ITEMS),
+            global_mean=float(manifest["global_mean"]),
+            rating_range=(float(manifest["rating_range"][0]), float(manifest["rating_range"][1])),
+            seen_indptr=interactions["seen_indptr"],
+            seen_indices=interactions["seen_indices"],
+            item_popularity=interactions["item_popularity"],
+            item_titles=metadata.get("titles"),
+            item_genres=metadata.get("genres"),
+            hyperparameters=manifest.get("hyperparameters", {}),
+            metrics=manifest.get("metrics", {}),
+            dataset=manifest.get("dataset", {}),
+            name=str(manifest.get("name", folder.parent.name)),
+            version=int(manifest["version"]),
+            created_time=str(manifest.get("created_time", "")),
+            path=folder,
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        # A hand-edited or truncated manifest: report it like every other bad artifact.
+        raise ArtifactError(
+            f"{folder / MANIFEST}: malformed manifest or id files ({type(exc).__name__}: {exc})"
+        ) from exc
     _check_shapes(artifact, folder)
     return artifact
 
@@ -286,9 +317,35 @@ def _check_shapes(artifact: ModelArtifact, folder: Path) -> None:
             raise ArtifactError(f"{folder / MODEL_TENSORS}: tensor {name!r} is missing")
     for name, tensor in artifact.tensors.items():
         rows = expected_rows.get(name)
-        if rows is not None and tensor.shape[0] != rows:
+        found = tensor.shape[0] if tensor.dim() else 0
+        if rows is not None and (tensor.dim() == 0 or found != rows):
             raise ArtifactError(
-                f"{folder / MODEL_TENSORS}: {name} has {tensor.shape[0]} rows but the id list has {rows}"
+                f"{folder / MODEL_TENSORS}: {name} has {found} rows but the id list has {rows}"
+            )
+    tensors = artifact.tensors
+    for users, items in (
+        ("user_factors", "item_factors"),
+        ("rank_user_factors", "rank_item_factors"),
+    ):
+        if (users in tensors) != (items in tensors):
+            present, absent = (users, items) if users in tensors else (items, users)
+            raise ArtifactError(f"{folder / MODEL_TENSORS}: has {present} but not {absent}")
+        if users in tensors and (
+            tensors[users].dim() != 2
+            or tensors[items].dim() != 2
+            or tensors[users].shape[1] != tensors[items].shape[1]
+        ):
+            raise ArtifactError(
+                f"{folder / MODEL_TENSORS}: {users} {list(tensors[users].shape)} and {items} "
+                f"{list(tensors[items].shape)} must be tables of the same width"
+            )
+    for name in ("user_bias", "item_bias", "rank_item_bias"):
+        if name in tensors and tensors[name].dim() != 1:
+            raise ArtifactError(
+                f"{folder / MODEL_TENSORS}: {name} has shape {list(tensors[name].shape)}; "
+                "expected one value per row"
             )
     if artifact.seen_indptr.numel() != n_users + 1 or artifact.item_popularity.numel() != n_items:
-        raise ArtifactError(f"{folder / INTERACTIONS}: interaction tables do not match the id lists")
+        raise ArtifactError(
+            f"{folder / INTERACTIONS}: interaction tables do not match the id lists"
+        )

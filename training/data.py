@@ -8,22 +8,35 @@ order (the evaluation protocol permutes file order with a seed), and every probl
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import re
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+
+from mfserve.training._lines import (
+    ROLES,
+    DataError,
+    Layout,
+    SourceFile,
+    TextFormat,
+    choose_columns,
+    disk_file,
+    locate_row,
+    read_csv_frame,
+    read_dat_ratings,
+    read_delimited,
+    read_header,
+    row_error,
+)
 
 __all__ = ["DataError", "RatingsData", "bundled_dataset_path", "load_ratings"]
 
@@ -34,33 +47,6 @@ _NAN_WORDS = ("nan", "+nan", "-nan")
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 _URL = re.compile(r"^(https?|file)://", re.IGNORECASE)
 _SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".parquet": "", ".pq": "", ".dat": "::"}
-_DEFAULT_NAMES = (("user", "userId"), ("item", "movieId"), ("rating",))
-_ROLES = ("user", "item", "rating")
-
-
-class DataError(ValueError):
-    """Bad input data, located like a compiler error so an editor can jump to it.
-
-    ``line`` is the line a text editor shows (header = 1), ``column`` the 1-based field;
-    either is None where it does not apply (a missing file, a Parquet row).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | os.PathLike[str],
-        line: int | None = None,
-        column: int | None = None,
-        column_name: str | None = None,
-    ) -> None:
-        self.message = message
-        self.path = os.fspath(path)
-        self.line = line
-        self.column = column if line is not None else None
-        self.column_name = column_name
-        parts = [self.path, *(str(p) for p in (self.line, self.column) if p is not None)]
-        super().__init__(f"{':'.join(parts)}: {message}")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: DataFrames have no truth value to compare with
@@ -75,36 +61,9 @@ class RatingsData:
 
 
 @dataclass(frozen=True)
-class _File:
-    """A readable file on disk or inside a zip; ``path`` is what error messages show."""
-
-    path: str
-    open: Callable[[], IO[bytes]]
-
-
-@dataclass(frozen=True)
-class _Text:
-    """How a text file splits into records, so a DataFrame row can be traced to its line."""
-
-    delimiter: str  # ",", "\t" or "::"
-    header: bool
-    encoding: str
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where the user, item and rating columns live, for error messages."""
-
-    file: _File
-    text: _Text | None  # None: not a text file (Parquet), so errors name rows, not lines
-    names: tuple[str, ...]  # user, item, rating: as the file spells them
-    fields: tuple[int, ...]  # their 1-based field numbers
-
-
-@dataclass(frozen=True)
 class _Release:
-    ratings: _File
-    movies: _File | None
+    ratings: SourceFile
+    movies: SourceFile | None
     rating_range: tuple[float, float]
 
 
@@ -182,26 +141,22 @@ def _resolve(
     if sha256 is not None:
         if path.is_dir():
             raise ValueError("sha256= checks a file or a URL, not a folder")
-        _check_digest(_disk_file(path), sha256)
+        _check_digest(disk_file(path), sha256)
     return path, str(path)
 
 
-def _check_digest(file: _File, expected: str) -> None:
+def _check_digest(file: SourceFile, expected: str) -> None:
     actual, expected = _sha256(file), expected.lower()
     if actual != expected:
         raise DataError(f"sha256 mismatch: expected {expected}, got {actual}", path=file.path)
 
 
-def _sha256(file: _File) -> str:
+def _sha256(file: SourceFile) -> str:
     digest = hashlib.sha256()
     with file.open() as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _disk_file(path: Path) -> _File:
-    return _File(str(path), lambda: path.open("rb"))
 
 
 # -- MovieLens releases ------------------------------------------------------------------
@@ -221,7 +176,7 @@ def _find_release(path: Path, stack: ExitStack) -> _Release:
         found = ", ".join(sorted(names)[:10]) or "nothing"
         raise DataError(f"no ratings.csv or ratings.dat in this folder (found: {found})", path=path)
     movies = names.get("movies" + ratings.suffix)
-    files = (_disk_file(ratings), _disk_file(movies) if movies else None)
+    files = (disk_file(ratings), disk_file(movies) if movies else None)
     return _Release(*files, _release_range(ratings.suffix, ratings.parent.name, set(names)))
 
 
@@ -238,8 +193,8 @@ def _find_zip_release(path: Path, stack: ExitStack) -> _Release:
     folder, suffix = ratings[: -len("ratings.csv")], ratings[-4:]
     siblings = {n[len(folder) :] for n in members if n.startswith(folder)}
 
-    def member(name: str) -> _File:
-        return _File(f"{path}/{name}", lambda: archive.open(name))
+    def member(name: str) -> SourceFile:
+        return SourceFile(f"{path}/{name}", lambda: archive.open(name))
 
     movies = member(folder + "movies" + suffix) if "movies" + suffix in siblings else None
     top = folder.rstrip("/").rsplit("/", 1)[-1] or path.stem
@@ -258,40 +213,17 @@ def _load_release(
     ratings_file, movies_file = release.ratings, release.movies
     rating_range = wanted or release.rating_range
     if ratings_file.path.endswith(".dat"):
-        frame, layout = _read_dat_ratings(ratings_file)
+        frame, layout = read_dat_ratings(ratings_file)
         items = _read_dat_movies(movies_file) if movies_file else None
     else:
-        text = _Text(",", header=True, encoding="utf-8")
-        frame, layout = _read_delimited(ratings_file, text, ("userId", "movieId", "rating"))
+        text = TextFormat(",", header=True, encoding="utf-8")
+        frame, layout = read_delimited(ratings_file, text, ("userId", "movieId", "rating"))
         items = _read_csv_movies(movies_file) if movies_file else None
     ratings, _ = _validate(frame, layout, rating_range)
     return RatingsData(ratings, items, description, _sha256(ratings_file), rating_range)
 
 
-def _read_dat_ratings(file: _File) -> tuple[pd.DataFrame, _Layout]:
-    """Read ``a::b::c::d`` with the fast C parser by splitting on ':' and checking the gaps.
-
-    A multi-character separator would force pandas' Python engine, ~20x slower on ml-10m.
-    """
-    text = _Text("::", header=False, encoding="latin-1")
-    options: dict[str, Any] = {
-        "sep": ":",
-        "header": None,
-        "names": range(7),
-        "usecols": range(5),
-        "quoting": csv.QUOTE_NONE,
-    }
-    raw = _read_csv_frame(file, text, options, rating_column=4)
-    layout = _Layout(file, text, ("UserID", "MovieID", "Rating"), (1, 2, 3))
-    for gap, role in ((1, 1), (3, 2)):  # the empty field between the two ':' of each '::'
-        bad = (raw[gap].notna() & (raw[gap] != "")).to_numpy()
-        if bad.any():
-            raise _row_error(layout, int(np.argmax(bad)), role, "fields must be separated by '::'")
-    frame = raw.rename(columns={0: "user", 2: "item", 4: "rating"})[list(_ROLES)]
-    return frame, layout
-
-
-def _read_dat_movies(file: _File) -> pd.DataFrame:
+def _read_dat_movies(file: SourceFile) -> pd.DataFrame:
     """ml-1m's movies.dat is latin-1 and ml-10m's is UTF-8; try UTF-8 first, it is strict."""
     with file.open() as handle:
         data = handle.read()
@@ -310,11 +242,11 @@ def _read_dat_movies(file: _File) -> pd.DataFrame:
     return _finish_items(frame)
 
 
-def _read_csv_movies(file: _File) -> pd.DataFrame:
-    text = _Text(",", header=True, encoding="utf-8")
+def _read_csv_movies(file: SourceFile) -> pd.DataFrame:
+    text = TextFormat(",", header=True, encoding="utf-8")
     wanted, roles = ("movieId", "title", "genres"), ("item", "title", "genres")
-    names = _choose(_header(file, text), wanted, file.path, 1, roles)
-    frame = _read_csv_frame(file, text, {"sep": ",", "usecols": list(names)})
+    names = choose_columns(read_header(file, text), wanted, file.path, 1, roles)
+    frame = read_csv_frame(file, text, {"sep": ",", "usecols": list(names)})
     frame = frame[list(names)].set_axis(["item", "title", "genres"], axis=1).fillna("")
     return _finish_items(frame)
 
@@ -334,117 +266,37 @@ def _load_table(
     wanted: tuple[float, float] | None,
     description: str,
 ) -> RatingsData:
-    file = _disk_file(path)
+    file = disk_file(path)
     if delimiter:
-        text = _Text(delimiter, header=True, encoding="utf-8-sig")
-        frame, layout = _read_delimited(file, text, columns)
+        text = TextFormat(delimiter, header=True, encoding="utf-8-sig")
+        frame, layout = read_delimited(file, text, columns)
     else:
         frame, layout = _read_parquet(file, columns)
     ratings, rating_range = _validate(frame, layout, wanted)
     return RatingsData(ratings, None, description, _sha256(file), rating_range)
 
 
-def _choose(
-    found: Sequence[str],
-    wanted: Sequence[str | None],
-    path: str,
-    header_line: int | None,
-    roles: Sequence[str] = _ROLES,
-) -> tuple[str, ...]:
-    """Resolve each column by its explicit name, else by the first default present."""
-    chosen = []
-    for role, explicit, defaults in zip(roles, wanted, _DEFAULT_NAMES, strict=True):
-        candidates = (explicit,) if explicit else defaults
-        name = next((c for c in candidates if c in found), None)
-        if name is None:
-            expected = " or ".join(repr(c) for c in candidates)
-            listed = ", ".join(repr(c) for c in found)
-            hint = "" if explicit else f"; pass {role}_col= to name it"
-            raise DataError(
-                f"missing {role} column {expected} (found: {listed}){hint}",
-                path=path,
-                line=header_line,
-                column_name=candidates[0],
-            )
-        chosen.append(name)
-    return tuple(chosen)
-
-
-def _header(file: _File, text: _Text) -> list[str]:
-    header = next((fields for _, fields in _records(file, text)), None)
-    if header is None:
-        raise DataError("file is empty", path=file.path)
-    return header
-
-
-def _read_delimited(
-    file: _File, text: _Text, wanted: Sequence[str | None]
-) -> tuple[pd.DataFrame, _Layout]:
-    header = _header(file, text)
-    names = _choose(header, wanted, file.path, 1)
-    fields = tuple(header.index(name) + 1 for name in names)
-    options = {"sep": text.delimiter, "usecols": list(names)}
-    frame = _read_csv_frame(file, text, options, rating_column=names[2])
-    frame = frame[list(names)].set_axis(list(_ROLES), axis=1)
-    return frame, _Layout(file, text, names, fields)
-
-
-def _read_csv_frame(
-    file: _File, text: _Text, options: dict[str, Any], rating_column: Any = None
-) -> pd.DataFrame:
-    """Parse with pandas' C engine, every field as text except ratings, tried as float first.
-
-    Ratings fall back to text only when the float parse fails, i.e. on the error path, where
-    the text lets the error quote the bad value.
-    """
-    base = {
-        "index_col": False,  # else a row with one extra field silently shifts into the index
-        "na_filter": False,  # "NA" or "null" is a valid id, not a missing value
-        "encoding": text.encoding,
-        "skipinitialspace": True,
-        **options,
-    }
-    text_dtype = dict.fromkeys(options["usecols"], str)
-    attempts = [str] if rating_column is None else ["float64", str]
-    for number, rating_dtype in enumerate(attempts, 1):
-        dtype = text_dtype if rating_column is None else {**text_dtype, rating_column: rating_dtype}
-        kwargs = {**base, "dtype": dtype}
-        try:
-            with file.open() as handle:
-                return pd.read_csv(handle, **kwargs)
-        except pd.errors.EmptyDataError as error:
-            raise DataError("file is empty", path=file.path) from error
-        except pd.errors.ParserError as error:
-            raise _parser_error(file, error) from error
-        except UnicodeDecodeError as error:
-            raise _encoding_error(file, error) from error
-        except ValueError:
-            if number == len(attempts):
-                raise
-    raise AssertionError("unreachable")
-
-
-def _read_parquet(file: _File, wanted: Sequence[str | None]) -> tuple[pd.DataFrame, _Layout]:
+def _read_parquet(file: SourceFile, wanted: Sequence[str | None]) -> tuple[pd.DataFrame, Layout]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         found = pq.read_schema(file.path).names
-        names = _choose(found, wanted, file.path, None)
+        names = choose_columns(found, wanted, file.path, None)
         table = pd.read_parquet(file.path, columns=list(names))
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"not a readable Parquet file: {error}", path=file.path) from error
     fields = tuple(found.index(name) + 1 for name in names)
-    layout = _Layout(file, None, names, fields)
+    layout = Layout(file, None, names, fields)
     frame = pd.DataFrame({"rating": table[names[2]]})
-    for role, name in zip(_ROLES[:2], names[:2], strict=True):
+    for role, name in zip(ROLES[:2], names[:2], strict=True):
         frame[role] = _ids_as_text(table[name], layout, name)
     rating = frame["rating"]
     if pd.api.types.is_bool_dtype(rating) or not (
         pd.api.types.is_numeric_dtype(rating) or _is_text(rating)
     ):
         raise DataError(f"column {names[2]!r}: ratings must be numbers", path=file.path)
-    return frame[list(_ROLES)], layout
+    return frame[list(ROLES)], layout
 
 
 def _is_text(series: pd.Series) -> bool:
@@ -452,7 +304,7 @@ def _is_text(series: pd.Series) -> bool:
     return bool(types.is_string_dtype(series) or types.infer_dtype(series) == "string")
 
 
-def _ids_as_text(series: pd.Series, layout: _Layout, name: str) -> pd.Series:
+def _ids_as_text(series: pd.Series, layout: Layout, name: str) -> pd.Series:
     """Integer or string ids become text; float ids are refused (``1.0`` is not ``"1"``)."""
     if isinstance(series.dtype, pd.CategoricalDtype):
         series = series.astype(series.cat.categories.dtype)
@@ -465,7 +317,7 @@ def _ids_as_text(series: pd.Series, layout: _Layout, name: str) -> pd.Series:
 
 
 def _validate(
-    frame: pd.DataFrame, layout: _Layout, wanted: tuple[float, float] | None
+    frame: pd.DataFrame, layout: Layout, wanted: tuple[float, float] | None
 ) -> tuple[pd.DataFrame, tuple[float, float]]:
     """Check every row at once; only a failing check goes looking for its first row."""
     if frame.empty:
@@ -508,7 +360,7 @@ def _parse_ratings(raw: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def _raise_first(
-    checks: list[tuple[np.ndarray, int, str]], layout: _Layout, raw: pd.Series, values: np.ndarray
+    checks: list[tuple[np.ndarray, int, str]], layout: Layout, raw: pd.Series, values: np.ndarray
 ) -> None:
     failing = [
         (int(np.argmax(mask)), order, role, message)
@@ -519,10 +371,10 @@ def _raise_first(
         row, _, role, message = min(failing)  # the earliest row in the file, whatever its fault
         value = raw.iloc[row]
         text = value if isinstance(value, str) else repr(float(values[row]))
-        raise _row_error(layout, row, role, message, value=text)
+        raise row_error(layout, row, role, message, value=text)
 
 
-def _check_duplicates(frame: pd.DataFrame, layout: _Layout) -> None:
+def _check_duplicates(frame: pd.DataFrame, layout: Layout) -> None:
     """Pack each (user, item) into one int64 so the usual, clean case costs a single sort."""
     users = frame["user"].astype("category").cat.codes.to_numpy(np.int64)
     items = frame["item"].astype("category").cat.codes.to_numpy(np.int64)
@@ -533,75 +385,6 @@ def _check_duplicates(frame: pd.DataFrame, layout: _Layout) -> None:
     second = int(np.argmax(pd.Series(keys).duplicated().to_numpy()))
     first = int(np.argmax(keys == keys[second]))
     user, item = frame["user"].iloc[second], frame["item"].iloc[second]
-    where = f"line {_locate(layout, first)[0]}" if layout.text else f"row {first + 1}"
+    where = f"line {locate_row(layout, first)[0]}" if layout.text else f"row {first + 1}"
     message = f"duplicate rating for user {user!r} and item {item!r} (first on {where})"
-    raise _row_error(layout, second, None, message)
-
-
-def _row_error(
-    layout: _Layout, row: int, role: int | None, message: str, value: str | None = None
-) -> DataError:
-    """Build a DataError for a DataFrame row, tracing it back to its line in the file.
-
-    ``{value}`` in the message is filled with the field as written in the file where it can
-    be found ("4,5" or " nan"), which says more than the parsed value would.
-    """
-    line, fields = _locate(layout, row)
-    name = layout.names[role] if role is not None else None
-    column = layout.fields[role] if role is not None else None
-    if value is not None:
-        if fields is not None and column is not None and column <= len(fields):
-            value = fields[column - 1]
-        message = message.format(value=repr(value))
-    if name is not None:
-        message = f"column {name!r}: {message}"
-    if line is None:
-        message = f"row {row + 1}: {message}"
-    return DataError(message, path=layout.file.path, line=line, column=column, column_name=name)
-
-
-def _records(file: _File, text: _Text) -> Iterator[tuple[int, list[str]]]:
-    """(first line, fields) of each non-blank record, skipping blank lines like pandas does."""
-    with file.open() as handle:
-        stream = io.TextIOWrapper(handle, encoding=text.encoding, errors="replace", newline="")
-        if text.delimiter == "::":
-            for number, line in enumerate(stream, 1):
-                if line.strip():
-                    yield number, line.rstrip("\r\n").split("::")
-            return
-        reader = csv.reader(stream, delimiter=text.delimiter, skipinitialspace=True)
-        end = 0
-        for fields in reader:
-            start, end = end + 1, reader.line_num
-            if len(fields) > 1 or (fields and fields[0].strip()):
-                yield start, fields
-
-
-def _locate(layout: _Layout, row: int) -> tuple[int | None, list[str] | None]:
-    """(line, fields) of a 0-based data row, by rescanning the file: the error path only."""
-    if layout.text is None:
-        return None, None
-    records = _records(layout.file, layout.text)
-    for _ in range(row + layout.text.header):
-        next(records, None)
-    return next(records, (None, None))
-
-
-def _parser_error(file: _File, error: Exception) -> DataError:
-    """pandas' tokenizer errors (an unclosed quote) count records, not lines: keep its words.
-
-    Rows with *extra* fields never get here: with ``usecols`` pandas ignores them.
-    """
-    detail = str(error).removeprefix("Error tokenizing data. C error: ")
-    return DataError(f"cannot parse: {detail}", path=file.path)
-
-
-def _encoding_error(file: _File, error: UnicodeDecodeError) -> DataError:
-    with file.open() as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                message = f"not valid UTF-8 (byte {line[bad.start]:#04x}); re-save as UTF-8"
-                return DataError(message, path=file.path, line=number, column=None)
-    return DataError(f"not valid UTF-8: {error}", path=file.path)
+    raise row_error(layout, second, None, message)

@@ -60,8 +60,8 @@ def _validate(config: TrainConfig) -> None:
 
 def _init_factors(n: int, d: int, config: TrainConfig, g: torch.Generator) -> torch.Tensor:
     if config.init == "uniform":
-        return torch.rand(n, d, generator=g) * config.init_std
-    return torch.randn(n, d, generator=g) * config.init_std
+        return torch.rand(n, d, generator=g).mul_(config.init_std)
+    return torch.randn(n, d, generator=g).mul_(config.init_std)
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +177,8 @@ def _fit_rating_head(
     def effective() -> tuple[torch.Tensor, torch.Tensor]:
         if not config.implicit:
             return p, q
-        pe = p + _SparseMatmul.apply(s_u, s_u_t, y)
-        qe = q + _SparseMatmul.apply(s_i, s_i_t, z)
+        pe = p + _SparseMatmul.apply(s_u, s_u_t, y)  # type: ignore[no-untyped-call]
+        qe = q + _SparseMatmul.apply(s_i, s_i_t, z)  # type: ignore[no-untyped-call]
         return pe, qe
 
     opt: torch.optim.Optimizer

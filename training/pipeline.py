@@ -8,6 +8,7 @@ the same ``Recommender`` the server answers with.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mfserve.training.fit import FitResult, fit
 from mfserve.training.recommender import Recommender
 
 BUNDLED_SOURCE = "bundled:ml-latest-small"
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 def protocol_for(data: RatingsData, holdout: float, split_seed: int) -> ProtocolData:
@@ -109,7 +111,7 @@ def train_and_save(
     if len(protocol.test_ratings):
         metrics.update(evaluate_recommender(protocol, Recommender(artifact)))
     dataset = {
-        "source": BUNDLED_SOURCE if source is None else str(source),
+        "source": _recorded_source(source),
         "fingerprint": data.fingerprint,
         "rows": len(data.ratings),
         "holdout": holdout,
@@ -120,6 +122,17 @@ def train_and_save(
     }
     artifact = dataclasses.replace(artifact, metrics=metrics, dataset=dataset)
     return save_artifact(out, artifact), metrics
+
+
+def _recorded_source(source: str | Path | None) -> str:
+    """The source as ``evaluate_saved`` can find it again: a local path is made absolute, so
+    ``mfserve evaluate`` works from any folder, not only the one training ran in."""
+    if source is None:
+        return BUNDLED_SOURCE
+    text = str(source)
+    if _SCHEME.match(text):  # a URL: reloaded (from the cache) by address
+        return text
+    return str(Path(text).expanduser().resolve())
 
 
 def evaluate_saved(
