@@ -60,9 +60,8 @@ class ModelArtifact:
     item_ids: list[str]
     global_mean: float
     rating_range: tuple[float, float]
-    seen_indptr: (
-        torch.Tensor
-    )  # int64 [n_users + 1]: user u's training items are seen_indices[p[u]:p[u+1]]
+    # int64 [n_users + 1]: user u's training items are seen_indices[indptr[u]:indptr[u + 1]]
+    seen_indptr: torch.Tensor
     seen_indices: torch.Tensor  # int64 [n_train_ratings], sorted within each user
     item_popularity: torch.Tensor  # int64 [n_items]: training ratings per item
     item_titles: list[str | None] | None = None
