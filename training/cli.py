@@ -23,9 +23,12 @@ _DATA_HELP = (
 
 def register(subparsers: Any) -> None:
     """Add the training subcommands to the ``mfserve`` parser."""
+    from mfserve.training import synth
+
     _register_train(subparsers)
     _register_evaluate(subparsers)
     _register_recommend(subparsers)
+    synth.register(subparsers)
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,316 @@
+"""Closed-loop serving benchmark: mfserve beside an empty handler and a naive servicer.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.harness --markdown bench.md        # synthetic, ml-latest-small sized
+    python -m benchmarks.harness --model models/movielens --servers empty,naive,mfserve
+    python -m benchmarks.harness --quick --concurrency 1,2  # ~1 s a cell (smoke test)
+
+Every server runs in its own subprocess on 127.0.0.1, port 0 (the port is read from its output).
+Load comes from separate client processes (``benchmarks.loadgen``), each holding its share of the
+in-flight calls on one grpc.aio channel, all starting at the same instant. A cell is one (server,
+rpc, concurrency): warmup, then a fixed window in which every call's latency is recorded.
+
+Servers:
+  empty    canned responses of the right shape: the cost of the gRPC stack alone (the floor)
+  naive    one unbatched model call per RPC on the event loop (the baseline to beat)
+  mfserve  the real server, ``python -m mfserve.server serve --model DIR --port 0 [--mfserve-arg]``
+
+On a small machine the clients and the server share the CPUs; the table says how many cores the
+server used during each window, and absolute figures are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.processes import ClientPool, RunningServer, server_specs
+
+RPC_LABELS = {"predict": "Predict", "batch": "BatchPredict", "topk": "TopK"}
+
+
+@dataclass
+class Cell:
+    server: str
+    rpc: str
+    concurrency: int
+    calls: int = 0
+    seconds: float = 0.0
+    qps: float = 0.0
+    pairs_per_s: float | None = None
+    p50_ms: float = math.nan
+    p95_ms: float = math.nan
+    p99_ms: float = math.nan
+    server_cores: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    vs_empty: float | None = None
+    note: str = ""
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (NaN when empty)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def run_cell(
+    server: RunningServer, clients: ClientPool, rpc: str, concurrency: int, args: argparse.Namespace
+) -> Cell:
+    start_at = time.time() + args.start_margin
+    command = {
+        "rpc": rpc,
+        "concurrency": concurrency,
+        "start_at": start_at,
+        "warmup": args.warmup,
+        "duration": args.duration,
+    }
+    outcome: list[list[dict[str, Any]]] = []
+    worker = threading.Thread(target=lambda: outcome.append(clients.run(command)), daemon=True)
+    worker.start()
+    # Sample the server's CPU time at the edges of the measured window while the clients run.
+    begin = start_at + args.warmup
+    time.sleep(max(0.0, begin - time.time()))
+    cpu_before = server.cpu_seconds()
+    time.sleep(max(0.0, begin + args.duration - time.time()))
+    cpu_used = server.cpu_seconds() - cpu_before
+    worker.join(timeout=args.duration + 120)
+    cell = Cell(server.spec.name, rpc, concurrency, seconds=args.duration)
+    if not outcome:
+        cell.note = "load clients failed"
+        return cell
+    latencies: list[float] = []
+    for result in outcome[0]:
+        latencies.extend(result["latencies"])
+        for code, count in result["errors"].items():
+            cell.errors[code] = cell.errors.get(code, 0) + count
+        if result.get("late_s", 0) > 0:
+            cell.note = f"a client started {result['late_s']:.2f}s late (raise --start-margin)"
+    latencies.sort()
+    cell.calls = len(latencies)
+    cell.qps = cell.calls / args.duration
+    cell.pairs_per_s = cell.qps * args.batch if rpc == "batch" else None
+    cell.p50_ms, cell.p95_ms, cell.p99_ms = (1000 * percentile(latencies, q) for q in (50, 95, 99))
+    cell.server_cores = cpu_used / args.duration
+    return cell
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": f"{os.cpu_count()} ({usable} usable)",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def render_markdown(
+    cells: list[Cell], info: dict[str, str], command: str, model: str, load: tuple[float, float]
+) -> str:
+    lines = [
+        "# mfserve serving benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model: {model}",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+        # Other work on the machine skews every figure: a 1-minute load average well above zero
+        # before the run means the cells competed with something else.
+        f"1-minute load average: {load[0]:.2f} before the run, {load[1]:.2f} after.",
+        "",
+        "| server | rpc | concurrency | QPS | pairs/s | p50 ms | p95 ms | p99 ms | server cores "
+        "| QPS vs empty | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in cells:
+        errors = ", ".join(f"{k} {v}" for k, v in c.errors.items()) or "0"
+        if c.note:
+            errors += f" ({c.note})"
+        vs = "-" if c.vs_empty is None else f"{c.vs_empty:.2f}x"
+        lines.append(
+            f"| {c.server} | {RPC_LABELS[c.rpc]} | {c.concurrency} | {_fmt(c.qps)} | "
+            f"{_fmt(c.pairs_per_s, 0)} | {_fmt(c.p50_ms, 2)} | {_fmt(c.p95_ms, 2)} | "
+            f"{_fmt(c.p99_ms, 2)} | {_fmt(c.server_cores, 2)} | {vs} | {errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
+    if args.model:
+        from benchmarks.common import resolve_version
+
+        version = resolve_version(args.model)
+        return version, f"{version}"
+    from mfserve.training.synth import main as synth_main
+
+    out = workdir / "synthetic"
+    sizes = ["--users", str(args.users), "--items", str(args.items), "--factors", str(args.factors)]
+    code = synth_main(["synth", "--out", str(out), *sizes, "--seed", "0"])
+    if code != 0:
+        raise SystemExit(code)
+    shape = f"{args.users} users x {args.items} items x {args.factors} factors"
+    return out / "1", f"synthetic ({shape}, 32 clusters)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mfserve bench",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", help="model folder or version folder (default: a synthetic model)"
+    )
+    parser.add_argument(
+        "--users", type=int, default=610, help="synthetic users (ml-latest-small: 610)"
+    )
+    parser.add_argument(
+        "--items", type=int, default=9742, help="synthetic items (ml-latest-small: 9742)"
+    )
+    parser.add_argument("--factors", type=int, default=64, help="synthetic factor width")
+    parser.add_argument(
+        "--servers", default="empty,naive,mfserve", help="comma-separated: empty, naive, mfserve"
+    )
+    parser.add_argument(
+        "--rpcs", default="predict,batch,topk", help="comma-separated: predict, batch, topk"
+    )
+    parser.add_argument(
+        "--concurrency", default="1,16,64", help="comma-separated in-flight call counts"
+    )
+    parser.add_argument("--duration", type=float, help="measured seconds per cell (5; --quick 1)")
+    parser.add_argument(
+        "--warmup", type=float, help="unrecorded seconds before a window (1; --quick 0.3)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 s windows, 0.3 s warmup (smoke test)"
+    )
+    parser.add_argument(
+        "--client-procs", type=int, default=2, help="client processes sharing the load"
+    )
+    parser.add_argument(
+        "--start-margin", type=float, default=0.5, help="seconds for clients to get ready"
+    )
+    parser.add_argument("--batch", type=int, default=1000, help="pairs per BatchPredict call")
+    parser.add_argument("--k", type=int, default=10, help="k of each TopK call")
+    parser.add_argument(
+        "--mfserve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `mfserve serve` argument, repeatable (--mfserve-arg=--compute-threads=2)",
+    )
+    parser.add_argument(
+        "--server-timeout", type=float, default=120.0, help="seconds to wait for a server to bind"
+    )
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--json", help="also write the raw results (no latency lists) to this file")
+    args = parser.parse_args(argv)
+    # --quick only changes what was not given explicitly.
+    if args.duration is None:
+        args.duration = 1.0 if args.quick else 5.0
+    if args.warmup is None:
+        args.warmup = 0.3 if args.quick else 1.0
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.rpc_list = [r.strip() for r in args.rpcs.split(",") if r.strip()]
+    args.concurrency_list = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    unknown = set(args.server_list) - {"empty", "naive", "mfserve"} | set(args.rpc_list) - set(
+        RPC_LABELS
+    )
+    if unknown or not args.concurrency_list or min(args.concurrency_list) < 1:
+        parser.error(f"bad --servers/--rpcs/--concurrency: {sorted(unknown) or args.concurrency}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m benchmarks.harness " + shlex.join(sys.argv[1:] if argv is None else argv)
+    cells: list[Cell] = []
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="mfserve-bench-") as tmp:
+        version, model = prepare_model(args, Path(tmp))
+        specs = server_specs(version, args.mfserve_arg)
+        for name in args.server_list:
+            try:
+                server = RunningServer(specs[name], args.server_timeout)
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
+                cells += [
+                    Cell(name, r, c, note="server failed to start")
+                    for r in args.rpc_list
+                    for c in args.concurrency_list
+                ]
+                continue
+            clients = ClientPool(
+                server, version, procs=args.client_procs, batch=args.batch, k=args.k
+            )
+            try:
+                for rpc in args.rpc_list:
+                    for concurrency in args.concurrency_list:
+                        cell = run_cell(server, clients, rpc, concurrency, args)
+                        cells.append(cell)
+                        progress = f"{name:8s} {RPC_LABELS[rpc]:12s} c={concurrency:<3d}"
+                        timing = f"p50 {cell.p50_ms:.2f} ms p99 {cell.p99_ms:.2f} ms"
+                        print(f"{progress} {cell.qps:10.1f}/s {timing}", file=sys.stderr)
+                print(f"{name}: server RSS {server.rss_mb():.0f} MB", file=sys.stderr)
+            finally:
+                clients.close()
+                server.stop()
+    floor = {(c.rpc, c.concurrency): c.qps for c in cells if c.server == "empty" and c.qps > 0}
+    for c in cells:
+        if (c.rpc, c.concurrency) in floor and c.calls:
+            c.vs_empty = c.qps / floor[(c.rpc, c.concurrency)]
+    load = (load_before, os.getloadavg()[0])
+    text = render_markdown(cells, machine_info(), command, model, load)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps([asdict(c) for c in cells], indent=1) + "\n", encoding="utf-8"
+        )
+    return 0 if all(c.calls for c in cells) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

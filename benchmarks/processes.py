@@ -1,0 +1,165 @@
+"""The processes of a benchmark run: one server subprocess and the load clients attached to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    argv: list[str]
+    ready: re.Pattern[str]  # group 1 is the bound port; matched against stdout and stderr lines
+
+
+def server_specs(version: Path, mfserve_args: list[str]) -> dict[str, ServerSpec]:
+    py = sys.executable
+    plain = re.compile(r"^PORT (\d+)\s*$")
+    return {
+        "empty": ServerSpec(
+            "empty", [py, "-m", "benchmarks.empty_server", "--model", str(version)], plain
+        ),
+        "naive": ServerSpec(
+            "naive", [py, "-m", "benchmarks.naive_server", "--model", str(version)], plain
+        ),
+        # The real server logs "mfserve: serving NAME vN on HOST:PORT" once it is bound.
+        "mfserve": ServerSpec(
+            "mfserve",
+            [py, "-m", "mfserve.server", "serve", "--model", str(version), *mfserve_args],
+            re.compile(r"serving .* on \S+:(\d+)\s*$"),
+        ),
+    }
+
+
+class RunningServer:
+    """A server subprocess; its output is drained by threads so a chatty server never blocks."""
+
+    def __init__(self, spec: ServerSpec, timeout: float) -> None:
+        self.spec = spec
+        self.tail: deque[str] = deque(maxlen=40)
+        self.proc = subprocess.Popen(
+            [*spec.argv, "--port", "0"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        ports: queue.Queue[int] = queue.Queue()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            assert stream is not None
+            threading.Thread(target=self._drain, args=(stream, ports), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.port = ports.get(timeout=0.2)
+                return
+            except queue.Empty:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                output = "\n".join(self.tail)
+                raise RuntimeError(
+                    f"server {spec.name} did not start (exit {self.proc.returncode}):\n{output}"
+                )
+
+    def _drain(self, stream: IO[str], ports: queue.Queue[int]) -> None:
+        for line in stream:
+            self.tail.append(line.rstrip())
+            match = self.spec.ready.search(line)
+            if match:
+                ports.put(int(match.group(1)))
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class ClientPool:
+    """Load-generating processes (``benchmarks.loadgen``) kept connected to one server."""
+
+    def __init__(
+        self, server: RunningServer, version: Path, *, procs: int, batch: int, k: int
+    ) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            "--target",
+            f"127.0.0.1:{server.port}",
+        ]
+        command += ["--model", str(version), "--batch", str(batch), "--k", str(k)]
+        self.procs = [
+            subprocess.Popen(
+                [*command, "--seed", str(p)],
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for p in range(max(1, procs))
+        ]
+
+    def run(self, cell: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run one cell, ``cell["concurrency"]`` in-flight calls split over the processes."""
+        total, n = int(cell["concurrency"]), len(self.procs)
+        shares = [total // n + (1 if p < total % n else 0) for p in range(n)]
+        busy = [(proc, share) for proc, share in zip(self.procs, shares, strict=True) if share]
+        for proc, share in busy:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({**cell, "concurrency": share}) + "\n")
+            proc.stdin.flush()
+        results = []
+        for proc, _share in busy:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"load client exited with {proc.wait()} (see its stderr above)")
+            results.append(json.loads(line))
+        return results
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # EOF ends the client
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
