@@ -1,5 +1,5 @@
-"""Serving benchmarks: a closed-loop load generator and the baselines it compares mfserve against.
+"""Benchmark scripts, run from the repository root as modules (``python -m benchmarks.train_quality``).
 
-Run from the repository root as modules (``python -m benchmarks.harness``) so the servers and client
-processes it starts import the same code.
+The serving harness itself is installed as ``mfserve bench`` (``mfserve.server.bench``), so a
+deployment can be measured where it runs.
 """

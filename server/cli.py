@@ -160,7 +160,27 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     # `handler` is what the dispatchers call; `func` is the common argparse idiom, set for either.
     parser.set_defaults(handler=run_serve, func=run_serve)
+    _register_bench(subparsers)
     return parser
+
+
+def _register_bench(subparsers: Any) -> None:
+    # The harness owns its flags (`mfserve bench --help` prints them); everything after `bench`
+    # is handed to it untouched.
+    bench = subparsers.add_parser(
+        "bench",
+        help="closed-loop load benchmark: mfserve beside an empty handler and a naive server",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=run_bench, func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from mfserve.server.bench.harness import main
+
+    return main(list(args.bench_args))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -6,30 +6,26 @@ baseline servers and the load clients work together end to end.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # benchmarks/ lives beside the package, not inside it
-
-from benchmarks.harness import main  # noqa: E402
+from mfserve.client._cli import main
 
 
 @pytest.mark.bench
 @pytest.mark.timeout(180)
-def test_quick_run_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)
+def test_quick_run_writes_every_row(tmp_path: Path) -> None:
+    """Through the real ``mfserve bench`` command, as a user would run it."""
     markdown = tmp_path / "bench.md"
     short = ["--quick", "--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
     model = ["--users", "50", "--items", "2000", "--factors", "16"]
     servers = ["--servers", "empty,naive", "--concurrency", "1,2"]
-    code = main([*short, *model, *servers, "--markdown", str(markdown)])
+    code = main(["bench", *short, *model, *servers, "--markdown", str(markdown)])
     assert code == 0
     text = markdown.read_text()
     assert "| server | rpc | concurrency | QPS | pairs/s | p50 ms |" in text
-    assert "Command: `python -m benchmarks.harness --quick" in text
+    assert "Command: `mfserve bench --quick" in text
     assert "grpcio" in text and "torch" in text
     rows = [line for line in text.splitlines() if line.startswith(("| empty ", "| naive "))]
     assert len(rows) == 2 * 3 * 2

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import torch
 
-from benchmarks.common import resolve_version, serve_until_signal, server_args
+from mfserve.server.bench.common import resolve_version, serve_until_signal, server_args
 from mfserve.training.artifact import load_artifact
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc

@@ -2,12 +2,12 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.harness --markdown bench.md        # synthetic, ml-latest-small sized
-    python -m benchmarks.harness --model models/movielens --servers empty,naive,mfserve
-    python -m benchmarks.harness --quick --concurrency 1,2  # ~1 s a cell (smoke test)
+    mfserve bench --markdown bench.md        # synthetic, ml-latest-small sized
+    mfserve bench --model models/movielens --servers empty,naive,mfserve
+    mfserve bench --quick --concurrency 1,2  # ~1 s a cell (smoke test)
 
 Every server runs in its own subprocess on 127.0.0.1, port 0 (the port is read from its output).
-Load comes from separate client processes (``benchmarks.loadgen``), each holding its share of the
+Load comes from separate client processes (``mfserve.server.bench.loadgen``), each holding its share of the
 in-flight calls on one grpc.aio channel, all starting at the same instant. A cell is one (server,
 rpc, concurrency): warmup, then a fixed window in which every call's latency is recorded.
 
@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.processes import ClientPool, RunningServer, server_specs
+from mfserve.server.bench.processes import ClientPool, RunningServer, server_specs
 
 RPC_LABELS = {"predict": "Predict", "batch": "BatchPredict", "topk": "TopK"}
 
@@ -178,7 +178,7 @@ def render_markdown(
 
 def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     if args.model:
-        from benchmarks.common import resolve_version
+        from mfserve.server.bench.common import resolve_version
 
         version = resolve_version(args.model)
         return version, f"{version}"
@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m benchmarks.harness " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "mfserve bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     cells: list[Cell] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mfserve-bench-") as tmp:

@@ -31,10 +31,10 @@ def server_specs(version: Path, mfserve_args: list[str]) -> dict[str, ServerSpec
     plain = re.compile(r"^PORT (\d+)\s*$")
     return {
         "empty": ServerSpec(
-            "empty", [py, "-m", "benchmarks.empty_server", "--model", str(version)], plain
+            "empty", [py, "-m", "mfserve.server.bench.empty_server", "--model", str(version)], plain
         ),
         "naive": ServerSpec(
-            "naive", [py, "-m", "benchmarks.naive_server", "--model", str(version)], plain
+            "naive", [py, "-m", "mfserve.server.bench.naive_server", "--model", str(version)], plain
         ),
         # The real server logs "mfserve: serving NAME vN on HOST:PORT" once it is bound.
         "mfserve": ServerSpec(
@@ -112,7 +112,7 @@ class RunningServer:
 
 
 class ClientPool:
-    """Load-generating processes (``benchmarks.loadgen``) kept connected to one server."""
+    """Load-generating processes (``mfserve.server.bench.loadgen``) kept connected to one server."""
 
     def __init__(
         self, server: RunningServer, version: Path, *, procs: int, batch: int, k: int
@@ -120,7 +120,7 @@ class ClientPool:
         command = [
             sys.executable,
             "-m",
-            "benchmarks.loadgen",
+            "mfserve.server.bench.loadgen",
             "--target",
             f"127.0.0.1:{server.port}",
         ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from benchmarks.common import read_ids, resolve_version, serve_until_signal, server_args
+from mfserve.server.bench.common import read_ids, resolve_version, serve_until_signal, server_args
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
