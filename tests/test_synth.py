@@ -98,3 +98,24 @@ def test_ann_flag_writes_an_index_beside_the_version(tmp_path: Path) -> None:
     version = tmp_path / "m" / "1"
     index = load_index(version, load_artifact(version))
     assert index is not None and index.kind == "hnsw" and index.n_items == 3000
+
+
+def test_index_command_builds_beside_an_existing_version(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    from mfserve.training.ann import load_index
+
+    assert main(["synth", "--out", str(tmp_path / "m"), "--users", "10", "--items", "500"]) == 0
+    assert main(["index", "--model", str(tmp_path / "m"), "--kind", "hnsw"]) == 0
+    version = tmp_path / "m" / "1"
+    index = load_index(version, load_artifact(version), "hnsw")
+    assert index is not None and index.n_items == 500
+
+
+def test_index_command_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["index", "--model", str(tmp_path / "missing")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "m"), "--users", "5", "--items", "50"]) == 0
+    assert main(["index", "--model", str(tmp_path / "m"), "--ann-param", "bogus=1"]) == 2
+    assert "unknown hnsw parameter" in capsys.readouterr().err

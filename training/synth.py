@@ -49,6 +49,30 @@ def register(subparsers: Any) -> None:
         default="none",
         help="also build an approximate top-k index beside the version (needs the [ann] extra)",
     )
+    _add_ann_param(parser)
+    parser.set_defaults(handler=run_synth)
+
+    index = subparsers.add_parser(
+        "index",
+        help="build an approximate top-k index beside a model version (for big catalogues)",
+        description=(
+            "Build a faiss index (inner product over the ranking head, bias folded in) and store "
+            "it beside the version as ann-KIND.faiss plus a JSON sidecar holding its sha256 and "
+            "that of the tensors it was built from. Serve it with mfserve serve --ann KIND. "
+            "Needs the [ann] extra."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    index.add_argument(
+        "--model", required=True, help="a model folder (newest version) or a version folder"
+    )
+    index.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="index type")
+    index.add_argument("--seed", type=int, default=0, help="random seed of the build")
+    _add_ann_param(index)
+    index.set_defaults(handler=run_index)
+
+
+def _add_ann_param(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ann-param",
         action="append",
@@ -57,7 +81,6 @@ def register(subparsers: Any) -> None:
         help="index parameter, repeatable: m, ef_construction, ef_search (hnsw); "
         "nlist, nprobe (ivf)",
     )
-    parser.set_defaults(handler=run_synth)
 
 
 def _parse_params(pairs: list[str]) -> dict[str, int]:
@@ -96,7 +119,7 @@ def run_synth(args: argparse.Namespace) -> int:
         print("mfserve synth: --ann-param needs --ann hnsw or --ann ivf", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from mfserve.training.artifact import load_artifact, save_artifact
+    from mfserve.training.artifact import save_artifact
     from mfserve.training.synthetic import synthetic_artifact
 
     started = time.perf_counter()
@@ -117,16 +140,46 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.ann == "none":
         return EXIT_OK
 
+    return _build_and_save(folder, args.ann, params, args.seed, "synth")
+
+
+def _build_and_save(folder: Any, kind: str, params: dict[str, int], seed: int, command: str) -> int:
     from mfserve.training.ann import AnnError, build_index
+    from mfserve.training.artifact import ArtifactError, load_artifact
 
     try:
-        index = build_index(load_artifact(folder), args.ann, seed=args.seed, **params)
+        index = build_index(load_artifact(folder), kind, seed=seed, **params)
         sidecar = index.save(folder)
-    except AnnError as exc:
-        print(f"mfserve synth: {exc}", file=sys.stderr)
+    except (AnnError, ArtifactError) as exc:
+        print(f"mfserve {command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"wrote {sidecar} ({args.ann} {index.params}) built in {index.build_seconds:.1f}s")
+    print(f"wrote {sidecar} ({kind} {index.params}) built in {index.build_seconds:.1f}s")
     return EXIT_OK
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """Handler of ``mfserve index``: returns the exit code."""
+    try:
+        params = _parse_params(args.ann_param)
+    except ValueError as exc:
+        print(f"mfserve index: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from mfserve.training.ann import DEFAULT_PARAMS
+    from mfserve.training.artifact import ArtifactError, resolve_version
+
+    unknown = sorted(set(params) - set(DEFAULT_PARAMS[args.kind]))
+    if unknown:
+        print(
+            f"mfserve index: unknown {args.kind} parameter(s): {', '.join(unknown)}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    try:
+        folder = resolve_version(args.model)
+    except ArtifactError as exc:
+        print(f"mfserve index: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _build_and_save(folder, args.kind, params, args.seed, "index")
 
 
 def main(argv: list[str] | None = None) -> int:
