@@ -6,6 +6,11 @@
 Each configuration is a ``mfserve serve`` subprocess; each load run is a separate client process
 (grpc.aio, closed loop, ``--channels`` connections so that SO_REUSEPORT can spread them over the
 workers). Client and server share the machine's cores, so compare numbers within one run only.
+
+Besides the wall-clock figures, each cell reports the server's CPU time per call (user + system
+seconds of the server processes over the client run, divided by every call the client made,
+warm-up included): on a busy host the wall-clock figures swing with the other jobs, while CPU per
+call mostly does not, so it is the figure to compare between runs.
 Without ``--model``, a 610 x 9,742 x 64 synthetic model (ml-latest-small's shape) is made.
 """
 
@@ -28,7 +33,7 @@ from typing import Any
 
 READY = re.compile(r"mfserve: (?:serving .+|\d+ workers ready) on (\S+):(\d+)|^PORT (\d+)")
 CONFIGS = {
-    "empty": ["<empty>"],  # benchmarks.empty_server: the gRPC floor, no model work
+    "empty": ["<empty>"],  # mfserve.server.bench.empty_server: the gRPC floor, no model work
     "delay0": ["--max-queue-delay-us", "0"],
     "delay200": ["--max-queue-delay-us", "200"],
     "nobatch": ["--max-batch-size", "1"],
@@ -63,10 +68,12 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
         ]
         method = "BatchPredict"
     latencies: list[float] = []
+    total = 0  # every call, warm-up included (for the server's CPU per call)
     stop_at = 0.0
     record_from = time.perf_counter() + args.warmup
 
     async def worker(n: int) -> None:
+        nonlocal total
         call = getattr(stubs[n % len(stubs)], method)
         i = n
         while True:
@@ -75,6 +82,7 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
                 return
             await call(requests[i % len(requests)])
             i += 1
+            total += 1
             if start >= record_from:
                 latencies.append(time.perf_counter() - start)
 
@@ -87,23 +95,43 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     latencies.sort()
     return {
         "calls": len(latencies),
+        "total_calls": total,
         "qps": len(latencies) / args.duration,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
     }
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (Linux ``/proc``)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            # Fields after the ")" of the command name: utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a worker that has exited
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def run_client(
-    address: str, rpc: str, concurrency: int, opts: argparse.Namespace
+    address: str, rpc: str, concurrency: int, opts: argparse.Namespace, server: Server | None = None
 ) -> dict[str, Any]:
+    """One load run in a client process; with ``server``, adds its CPU microseconds per call."""
     command = [
         sys.executable, "-m", "benchmarks.serve_probe", "client", "--address", address,
         "--rpc", rpc, "--concurrency", str(concurrency), "--duration", str(opts.duration),
         "--warmup", str(opts.warmup), "--channels", str(opts.channels),
         "--users", str(opts.users), "--items", str(opts.items),
     ]  # fmt: skip
+    pids = server.pids() if server is not None else []
+    before = cpu_seconds(pids)
     out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    used = cpu_seconds(pids) - before
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if pids and result["total_calls"]:
+        result["server_cpu_us"] = 1e6 * used / result["total_calls"]
     return result
 
 
@@ -113,7 +141,13 @@ class Server:
         command = [sys.executable, "-m", "mfserve.server", "serve", "--model", str(model),
                    "--port", "0", *extra]  # fmt: skip
         if extra == ["<empty>"]:
-            command = [sys.executable, "-m", "benchmarks.empty_server", "--model", str(model)]
+            command = [
+                sys.executable,
+                "-m",
+                "mfserve.server.bench.empty_server",
+                "--model",
+                str(model),
+            ]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -204,27 +238,30 @@ def main(argv: list[str] | None = None) -> None:
     if opts.memory:
         memory(opts, model)
         return
+    print(f"load average before: {os.getloadavg()}", flush=True)
     for name in opts.configs.split(","):
-        cells: dict[str, list[float]] = {
-            "topk c1 p50 ms": [],
-            "topk c64 qps": [],
-            "batch1000 c8 pairs/s": [],
-        }
+        cells: dict[str, list[float]] = {}
         for _ in range(opts.repeat):
             server = Server(model, CONFIGS[name])
             try:
-                cells["topk c1 p50 ms"].append(
-                    run_client(server.address, "topk", 1, opts)["p50_ms"]
-                )
-                cells["topk c64 qps"].append(run_client(server.address, "topk", 64, opts)["qps"])
-                pairs = run_client(server.address, "predict", 8, opts)["qps"] * 1000
-                cells["batch1000 c8 pairs/s"].append(pairs)
+                for label, rpc, concurrency, figure, scale in (
+                    ("topk c1", "topk", 1, "p50_ms", 1),
+                    ("topk c64", "topk", 64, "qps", 1),
+                    ("batch1000 c8", "predict", 8, "qps", 1000),
+                ):
+                    result = run_client(server.address, rpc, concurrency, opts, server)
+                    unit = {"p50_ms": "p50 ms", "qps": "qps" if scale == 1 else "pairs/s"}[figure]
+                    cells.setdefault(f"{label} {unit}", []).append(result[figure] * scale)
+                    cells.setdefault(f"{label} cpu us/call", []).append(
+                        result.get("server_cpu_us", float("nan"))
+                    )
             finally:
                 server.stop()
         summary = ", ".join(
             f"{k} {statistics.median(v):,.2f} {[round(x, 2) for x in v]}" for k, v in cells.items()
         )
         print(f"{name:18s} {summary}", flush=True)
+    print(f"load average after: {os.getloadavg()}", flush=True)
 
 
 if __name__ == "__main__":

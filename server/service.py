@@ -6,7 +6,8 @@ Each RPC runs in three steps, kept apart so later work can slot in between them:
 2. read the model ONCE from the ``ModelHolder`` and map ids to rows (vectorised),
 3. call the model through the compute seam ``_predict_rows`` / ``_top_k_rows`` / ``_similar_rows``,
    which hand the call to a dynamic batcher (``mfserve.server.batching``): concurrent calls of a
-   kind are coalesced into one tensor operation that runs off the event loop.
+   kind are coalesced into one tensor operation that runs off the event loop (a lone cheap call,
+   with nothing else in the server, is answered on the loop: the thread hop would cost more).
 
 Validation happens per call before anything is queued, so a bad request never reaches a batch
 and never fails its neighbours.
@@ -33,12 +34,16 @@ import torch
 from mfserve.server.batching import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE_DELAY_US,
+    INLINE_PREDICT_PAIRS,
+    INLINE_RANK_SCORES,
     Batcher,
     PredictPayload,
     RankedRow,
     RankPayload,
     predict_batch,
+    predict_cost,
     predict_rows,
+    rank_cost,
     similar_batch,
     top_k_batch,
 )
@@ -135,13 +140,16 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             predict_batch,
             max_batch_rows=PREDICT_BATCH_ROWS,
             rows=predict_rows,
+            cost=predict_cost,
+            inline_limit=INLINE_PREDICT_PAIRS,
             **options,
         )
+        rank_options = {**options, "cost": rank_cost, "inline_limit": INLINE_RANK_SCORES}
         self.top_k_batcher: Batcher[RankPayload, RankedRow] = Batcher(
-            "top_k", top_k_batch, **options
+            "top_k", top_k_batch, **rank_options
         )
         self.similar_batcher: Batcher[RankPayload, RankedRow] = Batcher(
-            "similar_items", similar_batch, **options
+            "similar_items", similar_batch, **rank_options
         )
 
     def _in_flight(self) -> int:

@@ -12,6 +12,7 @@ until the test has queued the others, which then form one batch. No test asserts
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,8 @@ class Gate:
 
     def __init__(self, batcher: Batcher[Any, Any], fail: Any = None) -> None:
         self.batcher = batcher
+        # Every batch on the worker thread: a cheap one computed on the loop would hold the loop.
+        batcher.inline_limit = None
         self.release = threading.Event()
         self.entered = threading.Event()
         self.batches: list[int] = []
@@ -315,3 +318,94 @@ def test_a_batch_holds_one_model(tmp_path: Path) -> None:
         assert {f.result().model_version for f in [first, *old]} == {1}
         assert {f.result().model_version for f in new} == {2}
         assert gate.batches[:3] == [1, 3, 2]
+
+
+# ------------------------------------------------------------------ lone calls on the event loop
+class Where:
+    """Records which thread each batch of a batcher is computed on."""
+
+    def __init__(self, batcher: Batcher[Any, Any]) -> None:
+        self.threads: list[str] = []
+        original = batcher.compute
+
+        def recorded(model: Any, payloads: list[Any]) -> list[Any]:
+            self.threads.append(threading.current_thread().name)
+            return original(model, payloads)
+
+        batcher.compute = recorded
+
+
+def test_lone_calls_are_computed_on_the_event_loop(server: ServerThread, stub: Any) -> None:
+    # One call at a time: no thread hop; the answer is ready when submit returns.
+    batchers = server.server.service.batchers
+    where = {name: Where(batcher) for name, batcher in batchers.items()}
+    for n in range(3):
+        assert len(stub.TopK(pb.TopKRequest(user_id=f"u{n}"), timeout=60).items) == 10
+        assert len(stub.SimilarItems(pb.SimilarItemsRequest(item_id=f"i{n}"), timeout=60).items)
+        batch = pb.BatchPredictRequest(user_ids=["u1", "u2"], item_ids=["i1", "i2"])
+        assert len(stub.BatchPredict(batch, timeout=60).ratings) == 2
+    for name, batcher in batchers.items():
+        assert set(where[name].threads) == {"mfserve-test-server"}, name  # the loop's thread
+        assert batcher.stats.inline == batcher.stats.batches == batcher.stats.computed == 3
+
+
+def test_expensive_lone_call_goes_to_the_executor(server: ServerThread, stub: Any) -> None:
+    batcher = server.server.service.top_k_batcher
+    where = Where(batcher)
+    batcher.inline_limit = server.server.holder.current.n_items - 1  # type: ignore[union-attr]
+    assert len(stub.TopK(pb.TopKRequest(user_id="u1"), timeout=60).items) == 10
+    assert where.threads == ["mfserve-compute_0"]
+    assert batcher.stats.inline == 0
+
+
+def _batcher(in_flight: int, limit: int | None = 10) -> Batcher[int, int]:
+    return Batcher(
+        "double",
+        lambda model, payloads: [2 * p for p in payloads],
+        executor=None,
+        in_flight=lambda: in_flight,
+        cost=lambda model, payload: payload,
+        inline_limit=limit,
+    )
+
+
+def test_submit_answers_a_lone_cheap_call_at_once() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        model: Any = object()
+        alone = _batcher(in_flight=1)
+        assert alone.submit(model, 3).result() == 6  # answered before submit returned
+        assert alone.stats.inline == 1
+        # Not alone: another call in the server, or a callback due in this loop turn (a handler
+        # for a call that just arrived), or too costly: queued for the next turn's batch.
+        crowded = _batcher(in_flight=2)
+        due = _batcher(in_flight=1)
+        costly = _batcher(in_flight=1, limit=2)
+        off = _batcher(in_flight=1, limit=None)
+        futures = [crowded.submit(model, 3), costly.submit(model, 3), off.submit(model, 3)]
+        loop.call_soon(lambda: None)
+        futures.append(due.submit(model, 3))
+        futures.append(due.submit(model, 4))  # joins the queued call: one batch of two
+        assert not any(f.done() for f in futures)
+        assert await asyncio.gather(*futures) == [6, 6, 6, 6, 8]
+        assert due.stats.sizes == {2: 1}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_lone_top_k_matches_the_batched_path(synthetic_model: Any, exclude_seen: bool) -> None:
+    # A lone row takes a shortcut unless the catalogue spans several chunks: same answers.
+    lone = Recommender(synthetic_model)
+    chunked = Recommender(synthetic_model, chunk_size=synthetic_model.n_items // 3)
+    request = RankRequest(exclude_seen=exclude_seen)
+    for user in range(0, lone.n_users, 7):
+        [(items, scores)] = lone.top_k(torch.tensor([user]), 25, [request])
+        [(want_items, want_scores)] = chunked.top_k(torch.tensor([user]), 25, [request])
+        # In a batch of two the product is a GEMM, rounded differently (see the module doc).
+        [(_, pair_scores), _] = lone.top_k(torch.tensor([user, 0]), 25, [request, request])
+        assert items.tolist() == want_items.tolist()
+        assert scores.tolist() == pytest.approx(want_scores.tolist(), abs=TOL)
+        assert scores.tolist() == pytest.approx(pair_scores.tolist(), abs=TOL)
+        if exclude_seen:
+            assert not set(lone.seen_items(user).tolist()) & set(items.tolist())

@@ -58,6 +58,22 @@ def test_predict_matches_recommender(stub: Any, rec: Recommender, user: int, ite
     assert not response.missing_user_ids and not response.missing_item_ids
 
 
+def test_batch_predict_with_and_without_unknown_ids_agree(stub: Any, rec: Recommender) -> None:
+    # An all-known batch takes a shortcut past the cold-start masks: the known pairs of a batch
+    # with an unknown id get the same ratings.
+    users, items = ["u0", "u7", "u59"], ["i0", "i123", "i399"]
+    known = stub.BatchPredict(pb.BatchPredictRequest(user_ids=users, item_ids=items))
+    mixed = stub.BatchPredict(
+        pb.BatchPredictRequest(
+            user_ids=[*users, "nobody"], item_ids=[*items, "i5"], allow_cold_start=True
+        )
+    )
+    assert list(mixed.ratings[:3]) == pytest.approx(list(known.ratings), abs=1e-6)
+    assert mixed.ratings[3] == pytest.approx(rec.global_mean + float(rec.item_bias[5]), abs=TOL)
+    want = rec.predict(rows(0, 7, 59), rows(0, 123, 399)).tolist()
+    assert list(known.ratings) == pytest.approx(want, abs=TOL)
+
+
 def test_predict_cold_start(stub: Any, rec: Recommender) -> None:
     unknown_user = stub.Predict(
         pb.PredictRequest(user_id="nobody", item_id="i5", allow_cold_start=True)

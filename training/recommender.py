@@ -9,15 +9,23 @@ mapped to rows with one dict lookup each; -1 marks an id the model does not know
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
 import torch
 
 from mfserve.training.artifact import ModelArtifact
+from mfserve.training.ranking import (
+    Ranked,
+    RankedLists,
+    Ranking,
+    RankRequest,
+    banned_pairs,
+    chunked_topk,
+)
+
+__all__ = ["UNKNOWN", "RankRequest", "Ranked", "RankedLists", "Recommender"]
 
 UNKNOWN = -1
 # Items scored per matrix product when ranking: bounds the [batch, chunk] score matrix so a
@@ -25,19 +33,6 @@ UNKNOWN = -1
 DEFAULT_CHUNK = 65_536
 # As torch.nn.functional.normalize: a zero vector stays zero instead of dividing by zero.
 _NORM_EPS = 1e-12
-
-Ranked = list[tuple[torch.Tensor, torch.Tensor]]
-# The same answer as plain Python lists (what a server writes into a response).
-RankedLists = list[tuple[list[int], list[float]]]
-
-
-@dataclass(frozen=True)
-class RankRequest:
-    """Per-row options of a batched top-k call (one row per user or query item)."""
-
-    exclude_seen: bool = True
-    exclude: torch.Tensor | None = None  # int64 item rows never to return
-    candidates: torch.Tensor | None = None  # int64 item rows: rank only these
 
 
 class Recommender:
@@ -66,10 +61,12 @@ class Recommender:
             rank_item = tensors["rank_item_factors"]
             rank_item_bias = tensors.get("rank_item_bias", torch.zeros(artifact.n_items))
             self._rank_user_offset = torch.zeros(artifact.n_users)
+            self._rank_offset: torch.Tensor | None = None  # all zero: no add per call
         else:
             rank_user, rank_item = self.user_factors, self.item_factors
             rank_item_bias = self.item_bias
             self._rank_user_offset = self.user_bias + self.global_mean
+            self._rank_offset = self._rank_user_offset
         self._rank_user = rank_user.contiguous()
         self._rank_item = rank_item.contiguous()
         self._rank_item_bias = rank_item_bias.contiguous()
@@ -105,14 +102,11 @@ class Recommender:
 
     def user_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each user id, -1 where unknown."""
-        # map() over the bound dict.get avoids a Python generator frame per id (~25% faster).
-        rows = map(self._user_rows.get, ids, repeat(UNKNOWN))
-        return np.fromiter(rows, dtype=np.int64, count=len(ids))
+        return _rows(self._user_rows, ids)
 
     def item_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each item id, -1 where unknown."""
-        rows = map(self._item_rows.get, ids, repeat(UNKNOWN))
-        return np.fromiter(rows, dtype=np.int64, count=len(ids))
+        return _rows(self._item_rows, ids)
 
     def user_row(self, user_id: str) -> int:
         """Row of one user id, -1 when unknown (one dict lookup: the per-call hot path)."""
@@ -124,7 +118,10 @@ class Recommender:
 
     def seen_items(self, user_row: int) -> torch.Tensor:
         """The rows of the items a user rated in training."""
-        return self._seen_indices[self._seen_indptr[user_row] : self._seen_indptr[user_row + 1]]
+        seen: torch.Tensor = self._seen_indices[
+            self._seen_indptr[user_row] : self._seen_indptr[user_row + 1]
+        ]
+        return seen
 
     # ------------------------------------------------------------- ratings
     def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -133,15 +130,27 @@ class Recommender:
         A row of -1 (unknown id) contributes no factors and no bias: the answer falls back to the
         global mean plus whichever biases are known (the cold-start estimate).
         """
-        known_user = users >= 0
-        known_item = items >= 0
-        u = users.clamp(min=0)
-        i = items.clamp(min=0)
-        both = known_user & known_item
-        dot = (self.user_factors[u] * self.item_factors[i]).sum(dim=1) * both
-        estimate = (
-            self.global_mean + self.user_bias[u] * known_user + self.item_bias[i] * known_item + dot
+        # index_select gathers rows ~3x faster than advanced indexing; a batch of known rows (the
+        # common case: the server refuses unknown ids unless asked) skips the masks. Both paths
+        # add in the same order, so a pair gets the same rating whichever path it takes.
+        user_rows, item_rows = users.numpy(), items.numpy()
+        known = not user_rows.size or (user_rows.min() >= 0 and item_rows.min() >= 0)
+        if known:
+            u, i = users, items
+        else:
+            known_user, known_item = users >= 0, items >= 0
+            u, i = users.clamp(min=0), items.clamp(min=0)
+        estimate: torch.Tensor = torch.linalg.vecdot(
+            self.user_factors.index_select(0, u), self.item_factors.index_select(0, i)
         )
+        if known:
+            estimate += self.user_bias.index_select(0, u)
+            estimate += self.item_bias.index_select(0, i)
+        else:
+            estimate *= known_user & known_item
+            estimate += self.user_bias.index_select(0, u) * known_user
+            estimate += self.item_bias.index_select(0, i) * known_item
+        estimate += self.global_mean
         return estimate.clamp_(self.rating_min, self.rating_max)
 
     # ------------------------------------------------------------- ranking
@@ -176,20 +185,26 @@ class Recommender:
 
     def _top_k(
         self, users: torch.Tensor, k: int, requests: Sequence[RankRequest] | None
-    ) -> _Ranking:
+    ) -> Ranking:
         rows = list(requests) if requests is not None else [_DEFAULT_RANK] * len(users)
         # Row bookkeeping in numpy: a numpy op costs ~1 us, a torch op several; a batch makes
         # about a dozen of them, and a lone call pays them all.
         user_rows = users.numpy()
+        if len(rows) == 1:
+            alone = self._top_one(int(user_rows[0]), k, rows[0])
+            if alone is not None:
+                return alone
         unknown = user_rows < 0
         popular = unknown if unknown.any() else None
         clamped = users if popular is None else torch.from_numpy(np.maximum(user_rows, 0))
         return self._rank(
-            self._rank_user[clamped],
+            self._rank_user.index_select(0, clamped),  # ~3x faster than indexing with a tensor
             self._rank_item,
             key_bias=self._rank_item_bias,
             key_scale=None,
-            offset=self._rank_user_offset[clamped],
+            offset=None
+            if self._rank_offset is None
+            else self._rank_offset.index_select(0, clamped),
             k=k,
             requests=rows,
             seen_users=user_rows,
@@ -197,11 +212,38 @@ class Recommender:
             self_items=None,
         )
 
+    def _top_one(self, user: int, k: int, request: RankRequest) -> Ranking | None:
+        """One known user without allow/deny lists over a one-chunk catalogue (a lone TopK): the
+        full scan's own tensor ops, in its order (the same answer bit for bit), without the batch
+        bookkeeping around them. None when the general path is needed."""
+        keys = self._rank_item
+        n_keys = keys.shape[0]
+        exclude = request.exclude
+        if (
+            user < 0
+            or request.candidates is not None
+            or (exclude is not None and exclude.numel())
+            or n_keys > self.chunk_size
+        ):
+            return None
+        scores = self._rank_user[user : user + 1] @ keys.T
+        scores += self._rank_item_bias
+        if self._rank_offset is not None:
+            scores += self._rank_offset[user : user + 1].unsqueeze(1)
+        if request.exclude_seen:
+            start, stop = self._seen_indptr_np[user], self._seen_indptr_np[user + 1]
+            if stop > start:  # the user's CSR slice: no index arrays to build
+                scores[0, self._seen_indices[start:stop]] = -torch.inf
+        top = torch.topk(scores, min(k, n_keys), dim=1)
+        return Ranking(1, [0], top.values, top.indices, {})
+
     def _similar(
         self, items: torch.Tensor, k: int, requests: Sequence[RankRequest] | None
-    ) -> _Ranking:
+    ) -> Ranking:
         rows = list(requests) if requests is not None else [_NO_SEEN_RANK] * len(items)
-        query = torch.nn.functional.normalize(self._similarity_keys[items], dim=1, eps=_NORM_EPS)
+        query = torch.nn.functional.normalize(
+            self._similarity_keys.index_select(0, items), dim=1, eps=_NORM_EPS
+        )
         return self._rank(
             query,
             self._similarity_keys,
@@ -228,7 +270,7 @@ class Recommender:
         seen_users: np.ndarray | None,
         popular_rows: np.ndarray | None,
         self_items: np.ndarray | None,
-    ) -> _Ranking:
+    ) -> Ranking:
         batch = len(requests)
         singles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Rows with an allow-list score only their candidates; the rest share chunked full scans.
@@ -261,11 +303,13 @@ class Recommender:
                 self_items = None if self_items is None else self_items[pick]
         if not full_rows:
             empty = torch.empty(0, 0)
-            return _Ranking(batch, [], empty, empty.long(), singles)
-        banned_rows, banned_cols = self._banned(full_requests, seen_users, self_items)
+            return Ranking(batch, [], empty, empty.long(), singles)
+        banned_rows, banned_cols = banned_pairs(
+            full_requests, seen_users, self_items, self._seen_indptr_np, self._seen_indices_np
+        )
         if popular_rows is not None and not popular_rows.any():
             popular_rows = None
-        scores, indices = self._chunked_topk(
+        scores, indices = chunked_topk(
             query,
             keys,
             key_bias=key_bias,
@@ -275,98 +319,10 @@ class Recommender:
             banned_rows=banned_rows,
             banned_cols=banned_cols,
             popular=None if popular_rows is None else torch.from_numpy(popular_rows),
+            popularity_score=self._popularity_score,
+            chunk_size=self.chunk_size,
         )
-        return _Ranking(batch, full_rows, scores, indices, singles)
-
-    def _banned(
-        self,
-        requests: Sequence[RankRequest],
-        seen_users: np.ndarray | None,
-        self_items: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(row position, item) pairs to mask, as two flat int64 arrays.
-
-        Seen items are gathered for the whole batch at once from the CSR arrays rather than with
-        a slice per row, so a batch of 64 rows costs about what one row does.
-        """
-        positions: list[np.ndarray] = []
-        columns: list[np.ndarray] = []
-        if seen_users is not None:
-            wanted = np.array([r.exclude_seen for r in requests], dtype=bool) & (seen_users >= 0)
-            if wanted.any():
-                indptr = self._seen_indptr_np
-                rows = np.flatnonzero(wanted)
-                users = seen_users[rows]
-                starts = indptr[users]
-                lengths = indptr[users + 1] - starts
-                total = int(lengths.sum())
-                if total:
-                    # Entry j of row r is at starts[r] + j: repeat each start, add j.
-                    first = np.cumsum(lengths) - lengths
-                    within = np.arange(total) - np.repeat(first, lengths)
-                    positions.append(np.repeat(rows, lengths))
-                    columns.append(self._seen_indices_np[np.repeat(starts, lengths) + within])
-        for pos, request in enumerate(requests):
-            if request.exclude is not None and request.exclude.numel():
-                positions.append(np.full(request.exclude.numel(), pos, dtype=np.int64))
-                columns.append(request.exclude.numpy())
-        if self_items is not None:  # a query item is never its own neighbour
-            positions.append(np.arange(len(requests), dtype=np.int64))
-            columns.append(self_items)
-        if not positions:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, empty
-        if len(positions) == 1:
-            return positions[0], columns[0]
-        return np.concatenate(positions), np.concatenate(columns)
-
-    def _chunked_topk(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        *,
-        key_bias: torch.Tensor | None,
-        key_scale: torch.Tensor | None,
-        offset: torch.Tensor | None,
-        k: int,
-        banned_rows: np.ndarray,
-        banned_cols: np.ndarray,
-        popular: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_keys = keys.shape[0]
-        one_chunk = n_keys <= self.chunk_size
-        best_scores = torch.empty(query.shape[0], 0)
-        best_items = torch.empty(query.shape[0], 0, dtype=torch.int64)
-        for start in range(0, n_keys, self.chunk_size):
-            stop = min(start + self.chunk_size, n_keys)
-            chunk = keys if one_chunk else keys[start:stop]
-            scores = query @ chunk.T
-            if key_scale is not None:
-                scores *= key_scale if one_chunk else key_scale[start:stop]
-            if key_bias is not None:
-                scores += key_bias if one_chunk else key_bias[start:stop]
-            if offset is not None:
-                scores += offset.unsqueeze(1)
-            if popular is not None:
-                scores[popular] = self._popularity_score[start:stop]
-            if banned_cols.size:
-                if one_chunk:
-                    rows, cols = banned_rows, banned_cols
-                else:
-                    in_chunk = (banned_cols >= start) & (banned_cols < stop)
-                    rows, cols = banned_rows[in_chunk], banned_cols[in_chunk] - start
-                scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-            top = torch.topk(scores, min(k, stop - start), dim=1)
-            if start == 0:
-                best_scores, best_items = top.values, top.indices
-                continue
-            best_scores = torch.cat([best_scores, top.values], dim=1)
-            best_items = torch.cat([best_items, top.indices + start], dim=1)
-            if best_scores.shape[1] > k:
-                keep = torch.topk(best_scores, k, dim=1)
-                best_scores = keep.values
-                best_items = torch.gather(best_items, 1, keep.indices)
-        return best_scores, best_items
+        return Ranking(batch, full_rows, scores, indices, singles)
 
     def _rank_candidates(
         self,
@@ -405,47 +361,15 @@ class Recommender:
         return candidates[top.indices], top.values
 
 
+def _rows(rows: dict[str, int], ids: Sequence[str]) -> np.ndarray:
+    """``rows[id]`` for each id, -1 where unknown: one C-level pass, no Python frame per id."""
+    try:
+        # The common case, every id known: __getitem__ needs no default argument per id (~20%
+        # faster than get); the first unknown id ends the pass and the ids are looked up again.
+        return np.fromiter(map(rows.__getitem__, ids), dtype=np.int64, count=len(ids))
+    except KeyError:
+        return np.fromiter(map(rows.get, ids, repeat(UNKNOWN)), dtype=np.int64, count=len(ids))
+
+
 _DEFAULT_RANK = RankRequest()
 _NO_SEEN_RANK = RankRequest(exclude_seen=False)
-
-
-@dataclass(frozen=True)
-class _Ranking:
-    """A batch's ranking before it is split per row: full scans share one [rows, k] result."""
-
-    size: int
-    full_rows: list[int]  # batch rows ranked by the full scan, in order
-    scores: torch.Tensor  # [len(full_rows), <= k], best first; -inf marks an ineligible item
-    indices: torch.Tensor  # item rows, same shape
-    singles: dict[int, tuple[torch.Tensor, torch.Tensor]]  # rows ranked over an allow-list
-
-    def tensors(self) -> Ranked:
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.size
-        if self.full_rows:
-            valid = torch.isfinite(self.scores)
-            every = bool(valid.all())
-            for pos, row in enumerate(self.full_rows):
-                if every:
-                    out[row] = (self.indices[pos], self.scores[pos])
-                else:
-                    out[row] = (self.indices[pos][valid[pos]], self.scores[pos][valid[pos]])
-        for row, ranked in self.singles.items():
-            out[row] = ranked
-        return [r for r in out if r is not None]
-
-    def lists(self) -> RankedLists:
-        out: list[tuple[list[int], list[float]] | None] = [None] * self.size
-        if self.full_rows:
-            all_items: list[list[int]] = self.indices.tolist()
-            all_scores: list[list[float]] = self.scores.tolist()
-            finite = math.isfinite
-            for pos, row in enumerate(self.full_rows):
-                items, scores = all_items[pos], all_scores[pos]
-                # Sorted best first: masked items (-inf) sit at the end, and NaN at the front.
-                if scores and not (finite(scores[0]) and finite(scores[-1])):
-                    keep = [j for j, score in enumerate(scores) if math.isfinite(score)]
-                    items, scores = [items[j] for j in keep], [scores[j] for j in keep]
-                out[row] = (items, scores)
-        for row, (rows, scores) in self.singles.items():
-            out[row] = (rows.tolist(), scores.tolist())
-        return [r for r in out if r is not None]
