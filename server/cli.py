@@ -180,7 +180,8 @@ def _register_bench(subparsers: Any) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from mfserve.server.bench.harness import main
 
-    return main(list(args.bench_args))
+    code: int = main(list(args.bench_args))
+    return code
 
 
 def run_serve(args: argparse.Namespace) -> int:
