@@ -22,7 +22,6 @@ faiss is the ``[ann]`` extra: it is imported on first use, with an error that sa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact
+from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact, sha256_file
 from mfserve.training.recommender import RankRequest
 
 if TYPE_CHECKING:
@@ -64,14 +63,6 @@ def _faiss() -> Any:
             "approximate top-k needs faiss: pip install 'mfserve[ann]' (or faiss-cpu)"
         ) from exc
     return faiss
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_sha256(artifact: ModelArtifact) -> str:
@@ -256,7 +247,7 @@ class AnnIndex:
             os.chmod(
                 tmp, 0o644
             )  # mkstemp's 0600 would hide it from a server running as another user
-            self.index_sha256 = _sha256(Path(tmp))
+            self.index_sha256 = sha256_file(Path(tmp))
             os.replace(tmp, index_path)
         finally:
             if os.path.exists(tmp):
@@ -350,7 +341,7 @@ def load_index(
         )
     if not index_path.is_file():
         raise AnnError(f"{index_path}: listed in {sidecar.name} but missing")
-    actual = _sha256(index_path)
+    actual = sha256_file(index_path)
     if actual != expected_index:
         raise AnnError(
             f"{index_path}: sha256 {actual} does not match the sidecar's; the file is corrupt"

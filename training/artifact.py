@@ -96,7 +96,8 @@ class ModelArtifact:
         return int(self.seen_indices.numel())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model files can be gigabytes)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -148,7 +149,7 @@ def save_artifact(root: str | os.PathLike[str], artifact: ModelArtifact) -> Path
             staging / ITEM_METADATA,
             {"titles": artifact.item_titles, "genres": artifact.item_genres},
         )
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         created = artifact.created_time or datetime.now(timezone.utc).isoformat(timespec="seconds")
         while True:
             version = (list_versions(root) or [0])[-1] + 1
@@ -221,7 +222,7 @@ def _verify_files(folder: Path, files: dict[str, str]) -> None:
             raise ArtifactError(
                 f"{file}: is a pickle (or torch.save zip); mfserve never loads pickles"
             )
-        actual = _sha256(file)
+        actual = sha256_file(file)
         if actual != expected:
             raise ArtifactError(
                 f"{file}: sha256 {actual} does not match the manifest's {expected}; the file is corrupt"
