@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    wall = _cli_wall_seconds(args.data) if args.data is None else None
+    walls = [_cli_wall_seconds(args.data) for _ in range(args.repeats)] if args.data is None else []
     notes = (
         f"\n{len(data.ratings)} ratings, protocol split 80/20 (seed 42): {len(protocol.train_ratings)} "
         f"train / {len(protocol.test_ratings)} test rows, {protocol.n_test_unseen} test rows with an "
@@ -119,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{protocol.n_items} training items. Machine: {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads."
     )
-    if wall is not None:
-        notes += f" Whole `mfserve train` command (import, load, fit, evaluate, save), wall: {wall:.1f} s."
+    if walls:
+        notes += (
+            " Whole `mfserve train` command (process start, imports, load, fit, evaluate, save), "
+            f"wall: {statistics.median(walls):.1f} s (median of {len(walls)}: "
+            f"{', '.join(f'{w:.1f}' for w in walls)})."
+        )
     table = "\n".join(rows) + "\n" + notes + "\n"
     print(table)
     if args.markdown:
