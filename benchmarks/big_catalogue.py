@@ -7,17 +7,32 @@ Measures, without gRPC in the way:
 * HNSW (and optionally IVF) build seconds, index size, ANN query p50 for a lone query and per query
   in batches, and recall@10 against the exact answer for a sweep of efSearch / nprobe values.
 
+``--serve`` measures the real server end to end instead of building indexes: the index stored
+beside the version (``mfserve synth --ann hnsw`` / ``mfserve index``) is used as is, and
+``mfserve serve --model DIR`` runs in a subprocess, once with ``--ann none`` and once per
+``--serve-ef`` value with ``--ann hnsw``; each measurement is a separate client process
+(``benchmarks.serve_probe``'s closed loop): TopK p50 at concurrency 1, TopK calls/s at concurrency
+64, and recall@10 of the served approximate answers against the served exact ones. Then the
+memory of ``--workers 1`` vs ``--workers 2`` (sum of Rss and Pss over the parent and its workers,
+``/proc/PID/smaps_rollup``, after a few seconds of queries).
+
 Usage::
 
     python -m benchmarks.big_catalogue --markdown big.md               # generates the model (~15 s)
     python -m benchmarks.big_catalogue --model /tmp/big --ivf --ef 16,32,64,128
+    mfserve synth --out /tmp/big --users 2000 --items 1000000 --factors 64 --ann hnsw
+    python -m benchmarks.big_catalogue --model /tmp/big --serve --serve-ef 0,64 --markdown serve.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +111,133 @@ def ann_rows(
     return rows
 
 
+# ------------------------------------------------------------------------------ --serve
+def fetch_main(address: str, users: list[str], k: int) -> None:
+    """Client process: TopK for each user, one call at a time; prints {user: [item ids]}."""
+    import grpc
+
+    from mfserve.v1 import recommender_pb2 as pb
+    from mfserve.v1 import recommender_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        out = {
+            u: [i.item_id for i in stub.TopK(pb.TopKRequest(user_id=u, k=k), timeout=60).items]
+            for u in users
+        }
+    print(json.dumps(out))
+
+
+def fetch(address: str, users: list[str], k: int = 10) -> dict[str, list[str]]:
+    command = [sys.executable, "-m", "benchmarks.big_catalogue", "--fetch", address,
+               "--fetch-users", ",".join(users), "--fetch-k", str(k)]  # fmt: skip
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    answers: dict[str, list[str]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return answers
+
+
+def recall(approx: dict[str, list[str]], exact: dict[str, list[str]]) -> float:
+    hits = sum(len(set(approx[u]) & set(want)) for u, want in exact.items())
+    return hits / max(1, sum(len(want) for want in exact.values()))
+
+
+def serve_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespace) -> list[str]:
+    """End-to-end rows: a server subprocess per configuration, a client process per figure."""
+    from benchmarks.serve_probe import Server, run_client
+
+    opts = argparse.Namespace(
+        duration=args.duration, warmup=1.0, channels=8, users=n_users, items=n_items
+    )
+    rng = random.Random(0)
+    sample = [f"u{rng.randrange(n_users)}" for _ in range(args.recall_users)]
+    configs: list[tuple[str, list[str]]] = [
+        ("gRPC floor: canned answers, no model work", ["<empty>"]),
+        ("exact (--ann none)", ["--ann", "none"]),
+    ]
+    for ef in args.serve_ef:
+        label = "stored ef_search" if ef == 0 else f"--ann-ef-search {ef}"
+        extra = ["--ann", "hnsw"] + (["--ann-ef-search", str(ef)] if ef else [])
+        configs.append((f"approximate (--ann hnsw, {label})", extra))
+    lines = [
+        "",
+        "## End to end: `mfserve serve` subprocess, separate client processes",
+        "",
+        f"TopK k=10 (seen items excluded), {args.duration:.0f} s closed loop per cell after 1 s "
+        f"warm-up; recall@10 of the served answers against the served exact ones for "
+        f"{len(sample)} users; server CPU per call = user+sys seconds of the server / calls.",
+        "",
+        "| server | command | TopK p50 c=1 | server CPU/call c=1 | TopK calls/s c=64 "
+        "| p50 c=64 | recall@10 vs served exact | start (load + index) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    exact_answers: dict[str, list[str]] | None = None
+    for label, extra in configs:
+        empty = extra == ["<empty>"]
+        command = (
+            f"python -m mfserve.server.bench.empty_server --model {version}"
+            if empty
+            else f"mfserve serve --model {version} --port 0 {shlex.join(extra)}"
+        )
+        started = time.perf_counter()
+        server = Server(version, extra)
+        start_s = time.perf_counter() - started
+        try:
+            lone = run_client(server.address, "topk", 1, opts, server)
+            wide = run_client(server.address, "topk", 64, opts, server)
+            answers = {} if empty else fetch(server.address, sample)
+        finally:
+            server.stop()
+        if empty:
+            score = "-"
+        elif exact_answers is None:
+            exact_answers, score = answers, "1 (reference)"
+        else:
+            score = f"{recall(answers, exact_answers):.4f}"
+        row = (
+            f"| {label} | `{command}` | {lone['p50_ms']:.3f} ms | "
+            f"{lone.get('server_cpu_us', float('nan')):.0f} us | {wide['qps']:,.0f} | "
+            f"{wide['p50_ms']:.1f} ms | {score} | {start_s:.1f} s |"
+        )
+        lines.append(row)
+        print(row, flush=True)
+    return lines
+
+
+def memory_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespace) -> list[str]:
+    """Sum of Rss and Pss over the server's processes, --workers 1 vs 2 (with the index)."""
+    from benchmarks.serve_probe import Server, run_client, smaps
+
+    opts = argparse.Namespace(duration=2.0, warmup=0.0, channels=8, users=n_users, items=n_items)
+    lines = [
+        "",
+        "## Memory: `--workers 1` vs `--workers 2` (sum over the parent and its workers)",
+        "",
+        "After 2 s of TopK at concurrency 8 and 2 s of BatchPredict (1,000 pairs) at concurrency "
+        "8, over 8 connections (both workers answer).",
+        "",
+        "| command | processes | sum Rss | sum Pss (real memory) | Pss vs 1 worker |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base: float | None = None
+    for workers in (1, 2):
+        # serve_probe.Server waits for the "workers ready" line whenever --workers is given.
+        extra = ["--ann", args.memory_ann] + (["--workers", str(workers)] if workers > 1 else [])
+        server = Server(version, extra)
+        try:
+            for rpc in ("topk", "predict"):
+                run_client(server.address, rpc, 8, opts)
+            rows = [smaps(pid) for pid in server.pids()]
+        finally:
+            server.stop()
+        rss, pss = sum(r["Rss"] for r in rows), sum(r["Pss"] for r in rows)
+        base = pss if base is None else base
+        command = f"mfserve serve --model {version} --port 0 {shlex.join(extra)}"
+        row = f"| `{command}` | {len(rows)} | {rss:,} MiB | {pss:,} MiB | {pss / base:.2f}x |"
+        lines.append(row)
+        print(row, flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
@@ -120,7 +262,30 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=torch.get_num_threads(), help="build threads"
     )
     parser.add_argument("--markdown", help="also write the results to this file")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="measure the real server (and the stored index) instead of building indexes",
+    )
+    parser.add_argument(
+        "--serve-ef",
+        default="0",
+        help="--serve: efSearch values served with --ann hnsw, one server each; 0: the stored one",
+    )
+    parser.add_argument("--duration", type=float, default=5.0, help="--serve: seconds per cell")
+    parser.add_argument("--recall-users", type=int, default=200, help="--serve: users for recall")
+    parser.add_argument(
+        "--memory-ann", default="hnsw", help="--serve: the --ann of the memory rows ('' to skip)"
+    )
+    parser.add_argument("--fetch", help=argparse.SUPPRESS)  # client process of --serve
+    parser.add_argument("--fetch-users", help=argparse.SUPPRESS)
+    parser.add_argument("--fetch-k", type=int, default=10, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fetch:
+        fetch_main(args.fetch, args.fetch_users.split(","), args.fetch_k)
+        return 0
+    args.load_before = os.getloadavg()
+    args.serve_ef = [int(v) for v in args.serve_ef.split(",") if v.strip()]
     args.ef = [int(v) for v in args.ef.split(",")]
     args.nprobe = [int(v) for v in args.nprobe.split(",")]
     command = "python -m benchmarks.big_catalogue " + shlex.join(
@@ -175,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
 
         import faiss
 
+        if args.serve:
+            lines += stored_index_rows(rec, version, users, args)
+            n_users, n_items = artifact.n_users, artifact.n_items
+            del rec, artifact  # the servers load their own copies
+            lines += serve_rows(version, n_users, n_items, args)
+            if args.memory_ann:
+                lines += memory_rows(version, n_users, n_items, args)
+            return finish(lines, args)
+
         kinds: list[tuple[str, dict[str, int]]] = []
         if not args.no_hnsw and not args.exact_only:
             hnsw = {"m": args.m, "ef_construction": args.ef_construction, "ef_search": args.ef[0]}
@@ -204,6 +378,46 @@ def main(argv: list[str] | None = None) -> int:
             lines += ann_rows(rec, reloaded, users, args)
             print("\n".join(lines[-6:]), flush=True)
             del index, reloaded
+    return finish(lines, args)
+
+
+def stored_index_rows(
+    rec: Recommender, version: Path, users: torch.Tensor, args: argparse.Namespace
+) -> list[str]:
+    """In-process rows for the index stored beside the version (--serve builds nothing)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    started = time.perf_counter()
+    index = load_index(version, rec.artifact, "hnsw")
+    if index is None:
+        raise SystemExit(f"no hnsw index beside {version}: mfserve index --model {version}")
+    loaded = time.perf_counter() - started
+    size = (version / "ann-hnsw.faiss").stat().st_size / 2**20
+    served = sorted({v or index.params["ef_search"] for v in args.serve_ef})
+    lines = [
+        "",
+        f"Stored index: hnsw {index.params}, built in {index.build_seconds:.1f}s (sidecar "
+        f"build_seconds); file {size:.0f} MB; load_index (sha256 checks + read) {loaded:.1f}s.",
+        "",
+        "| index | recall@10 vs exact | search p50, lone query (1 thread) "
+        "| top_k p50, lone query (incl. seen filter) "
+        f"| search per query, batches of {args.batch} (1 thread) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += ann_rows(rec, index, users, argparse.Namespace(**{**vars(args), "ef": served}))
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def finish(lines: list[str], args: argparse.Namespace) -> int:
+    before, after = args.load_before, os.getloadavg()
+    lines += [
+        "",
+        f"Machine: {os.cpu_count()} cores, shared with other jobs; load average (1/5/15 min) "
+        f"before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
+        f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}.",
+    ]
     text = "\n".join(lines) + "\n"
     print("\n---\n" + text)
     if args.markdown:

@@ -10,7 +10,9 @@ construction path and differ only in how they run it. The pieces it wires togeth
 * channel options: message size limits, the concurrent-RPC limit and ``SO_REUSEPORT`` (off unless
   asked for, so two servers never silently share a port; ``--workers N`` turns it on in its
   worker processes, see ``mfserve.server.workers``),
-* dynamic batching (``max_batch_size``, ``max_queue_delay_us``; ``mfserve.server.batching``).
+* dynamic batching (``max_batch_size``, ``max_queue_delay_us``; ``mfserve.server.batching``),
+* optionally an approximate index for TopK (``ann``, ``ann_ef_search``, ``ann_nprobe``), loaded
+  and swapped together with the model (``mfserve.server.model_holder``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mfserve.server.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US
 from mfserve.server.interceptors import AccessLogInterceptor
-from mfserve.server.model_holder import ModelHolder, ModelSource, describe
+from mfserve.server.model_holder import ANN_MODES, ModelHolder, ModelSource, describe
 from mfserve.server.service import SERVICE_NAME, RecommenderService
 from mfserve.training.recommender import Recommender
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -81,6 +83,13 @@ class ServerConfig:
     # default (one per core). 1 by default: batching already amortises the work, and idle
     # OpenMP threads spinning on a busy host steal the cores the event loops need.
     torch_threads: int = 1
+    # Approximate TopK for known users without an allow-list (SimilarItems and Predict stay
+    # exact): "none"; "auto" (an index stored beside the version if there is one); "hnsw" or
+    # "ivf" (that index is required: a version without it fails to load).
+    ann: str = "none"
+    # Per-call search parameters; 0 uses the value stored with the index.
+    ann_ef_search: int = 0
+    ann_nprobe: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -97,6 +106,9 @@ class ServerConfig:
             "max_queue_delay_us": 0 <= self.max_queue_delay_us <= 1_000_000,
             "workers": 0 <= self.workers <= 1024,
             "torch_threads": self.torch_threads >= 0,
+            "ann": self.ann in ANN_MODES,
+            "ann_ef_search": self.ann_ef_search >= 0,
+            "ann_nprobe": self.ann_nprobe >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -106,6 +118,11 @@ class ServerConfig:
         """``host:port`` as gRPC wants it (IPv6 hosts in brackets)."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port if port is None else port}"
+
+    def ann_search(self) -> dict[str, int]:
+        """The search-parameter overrides given (``ef_search``, ``nprobe``)."""
+        search = {"ef_search": self.ann_ef_search, "nprobe": self.ann_nprobe}
+        return {name: value for name, value in search.items() if value}
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [
@@ -126,7 +143,8 @@ class RecommenderServer:
             ThreadPoolExecutor(
                 max_workers=config.compute_threads,
                 thread_name_prefix="mfserve-compute",
-                initializer=_inherit_torch_threads,
+                initializer=_init_compute_thread,
+                initargs=(config.ann != "none",),
             )
             if config.compute_threads
             else None
@@ -158,6 +176,8 @@ class RecommenderServer:
             raise RuntimeError("the server is already started")
         self._loop = asyncio.get_running_loop()
         config = self.config
+        if config.ann != "none":
+            set_faiss_threads(1)  # lone ANN calls are computed on this (the loop's) thread
         interceptors = [AccessLogInterceptor()] if config.access_log else []
         # grpc.aio.server binds to the running loop, so it is built here rather than in __init__.
         server = grpc.aio.server(
@@ -245,6 +265,25 @@ class RecommenderServer:
             asyncio.run_coroutine_threadsafe(self._publish_health(), loop)
 
 
+def _init_compute_thread(ann: bool) -> None:
+    _inherit_torch_threads()
+    if ann:
+        set_faiss_threads(1)
+
+
+def set_faiss_threads(threads: int) -> None:
+    """faiss's OpenMP threads for the calling thread (OpenMP keeps the count per thread).
+
+    One: a serving process is one core's worth of event loop, and a team of OpenMP threads spinning
+    beside it on a small host steals the cores the loops need (parallelism comes from --workers).
+    """
+    try:
+        import faiss
+    except ImportError:  # no index can have been loaded without it
+        return
+    faiss.omp_set_num_threads(threads)
+
+
 def _inherit_torch_threads() -> None:
     """Give a compute thread the process's torch thread count.
 
@@ -263,15 +302,18 @@ def create_server(
     """A server over ``model``, not yet bound (``await server.start()`` binds).
 
     ``model``: a path (a version folder, or a model folder for its newest version), a
-    ``ModelArtifact``, a ``Recommender``, or ``None`` (UNAVAILABLE until one
-    is loaded).
+    ``ModelArtifact``, a ``Recommender``, a ``ServingModel`` (its index as is), or ``None``
+    (UNAVAILABLE until one is loaded). With ``config.ann`` other than "none", the index stored
+    beside the version is loaded with it; raises ``AnnError`` when it is required but missing,
+    or found but corrupt or stale.
     """
-    holder = ModelHolder()
+    config = config or ServerConfig()
+    holder = ModelHolder(ann=config.ann, ann_search=config.ann_search())
     if isinstance(model, (str, os.PathLike)):
         holder.load(model)
     else:
         holder.set(model)
-    return RecommenderServer(holder, config or ServerConfig())
+    return RecommenderServer(holder, config)
 
 
 async def run_until_signal(

@@ -50,14 +50,18 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from mfserve.server.model_holder import ServingModel
 from mfserve.training.recommender import RankRequest, Recommender
 
 log = logging.getLogger("mfserve.server")
 
 P = TypeVar("P")  # what one call contributes to a batch
 R = TypeVar("R")  # what one call gets back
-# compute(model, payloads) -> one result per payload, in order.
-Compute = Callable[[Recommender, list[P]], list[R]]
+# compute(model, payloads) -> one result per payload, in order. The model is whatever the caller
+# submits (a Recommender; a ServingModel for TopK): the batcher only compares it by identity, so a
+# batch never mixes two model versions.
+Model = Any
+Compute = Callable[[Model, list[P]], list[R]]
 # (results, {position: error}, whether the batch failed and was recomputed call by call)
 Outcome = tuple[list[Any], dict[int, BaseException], bool]
 
@@ -65,8 +69,10 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 # A lone call is computed on the event loop instead of the executor (see the module doc) when it
 # costs at most this: item scores for top-k and similar items (a TopK on a 10,000-item catalogue
-# is ~10,000: ~0.15 ms), pairs for predict (1,000 pairs: ~0.05 ms). Anything bigger, e.g. one query
-# against a million items or a 100,000-pair BatchPredict, goes to the executor.
+# is ~10,000: ~0.15 ms), pairs for predict (1,000 pairs: ~0.05 ms). Anything bigger, e.g. one exact
+# query against a million items or a 100,000-pair BatchPredict, goes to the executor. An
+# approximate TopK costs what its index visits (ServingIndex.cost: ~2,000 distances for HNSW at
+# ef_search 64, ~0.2 ms on a 1M-item catalogue), whatever the catalogue size.
 INLINE_RANK_SCORES = 65_536
 INLINE_PREDICT_PAIRS = 16_384
 
@@ -87,7 +93,7 @@ class BatchStats:
     sizes: Counter[int] = field(default_factory=Counter)  # batch size -> how many batches
 
 
-Entry = tuple[Recommender, Any, "asyncio.Future[Any]"]
+Entry = tuple[Model, Any, "asyncio.Future[Any]"]
 
 
 class Batcher(Generic[P, R]):
@@ -104,7 +110,7 @@ class Batcher(Generic[P, R]):
         max_batch_rows: int | None = None,
         rows: Callable[[P], int] | None = None,
         in_flight: Callable[[], int] | None = None,
-        cost: Callable[[Recommender, P], int] | None = None,
+        cost: Callable[[Model, P], int] | None = None,
         inline_limit: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0:
@@ -142,7 +148,7 @@ class Batcher(Generic[P, R]):
     def running(self) -> bool:
         return self._running
 
-    def submit(self, model: Recommender, payload: P) -> asyncio.Future[R]:
+    def submit(self, model: Model, payload: P) -> asyncio.Future[R]:
         """Queue one call; await the returned future for its result. Event-loop thread only.
 
         A plain function returning a future (not a coroutine): one allocation less per call.
@@ -216,7 +222,7 @@ class Batcher(Generic[P, R]):
         ready = getattr(loop, "_ready", None)
         return ready is not None and not ready
 
-    def _cheap(self, model: Recommender, payload: P) -> bool:
+    def _cheap(self, model: Model, payload: P) -> bool:
         """Whether a call is cheap enough to compute on the loop rather than hop to the executor."""
         limit, cost = self.inline_limit, self._cost
         return limit is not None and cost is not None and cost(model, payload) <= limit
@@ -235,7 +241,7 @@ class Batcher(Generic[P, R]):
         """The next batch: live calls of the first live call's model, within the size limits."""
         batch: list[Entry] = []
         rest: list[Entry] = []
-        model: Recommender | None = None
+        model: Model | None = None
         budget = self._max_rows
         rows = 0
         for entry in pending:
@@ -292,7 +298,7 @@ class Batcher(Generic[P, R]):
             self._dispatch()
 
     # ----------------------------------------------------------------- worker side
-    def _run(self, model: Recommender, payloads: list[P]) -> Outcome:
+    def _run(self, model: Model, payloads: list[P]) -> Outcome:
         compute = self.compute
         try:
             return compute(model, payloads), {}, False
@@ -367,8 +373,22 @@ def _rank_batch(
     ]
 
 
-def top_k_batch(model: Recommender, payloads: list[RankPayload]) -> list[RankedRow]:
-    return _rank_batch(model.top_k_lists, payloads)
+def top_k_cost(model: ServingModel, payload: RankPayload) -> int:
+    """An approximate query (known user, no allow-list) costs what its index visits; the rest are
+    exact (:func:`rank_cost`)."""
+    ann = model.ann
+    if ann is not None and payload[0] >= 0 and payload[2].candidates is None:
+        return int(ann.cost)
+    return rank_cost(model.recommender, payload)
+
+
+def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[RankedRow]:
+    """Exact top-k, or with an index ``AnnIndex.top_k`` (which answers unknown users and
+    allow-lists exactly itself)."""
+    recommender, ann = model.recommender, model.ann
+    if ann is None:
+        return _rank_batch(recommender.top_k_lists, payloads)
+    return _rank_batch(functools.partial(ann.top_k_lists, recommender), payloads)
 
 
 def similar_batch(model: Recommender, payloads: list[RankPayload]) -> list[RankedRow]:

@@ -27,6 +27,8 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 DEFAULT_WORKERS = 1
 DEFAULT_TORCH_THREADS = 1
+DEFAULT_ANN = "none"
+ANN_MODES = ("none", "auto", "hnsw", "ivf")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # One line per record; the start line is machine-parseable:
@@ -147,6 +149,32 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         f"(default: {DEFAULT_TORCH_THREADS})",
     )
     parser.add_argument(
+        "--ann",
+        default=DEFAULT_ANN,
+        choices=ANN_MODES,
+        help="approximate TopK for known users without an allow-list, through a faiss index stored "
+        "beside the version (mfserve index --model DIR --kind KIND); unknown users, allow-lists, "
+        "SimilarItems and Predict stay exact. auto: the index if there is one, else exact; hnsw "
+        "or ivf: that index is required, and a version without it fails to load. A corrupt or "
+        f"stale index is always refused (default: {DEFAULT_ANN})",
+    )
+    parser.add_argument(
+        "--ann-ef-search",
+        type=int,
+        default=0,
+        metavar="N",
+        help="HNSW efSearch per query: higher is more exact and slower "
+        "(default: the value stored with the index)",
+    )
+    parser.add_argument(
+        "--ann-nprobe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="IVF lists probed per query: higher is more exact and slower "
+        "(default: the value stored with the index)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         help="log one line per call: method, status, milliseconds, peer (default: off)",
@@ -191,6 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("mfserve.server")
     try:
         from mfserve.server.app import BindError, MiB, ServerConfig, serve
+        from mfserve.training.ann import AnnError
         from mfserve.training.artifact import ArtifactError
     except ImportError as exc:  # the [server] extra is missing
         print(
@@ -214,6 +243,9 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             workers=args.workers,
             torch_threads=args.torch_threads,
+            ann=args.ann,
+            ann_ef_search=args.ann_ef_search,
+            ann_nprobe=args.ann_nprobe,
         )
     except ValueError as exc:
         print(f"mfserve serve: {exc}", file=sys.stderr)
@@ -223,6 +255,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return code
     except ArtifactError as exc:
         log.error("mfserve: cannot load the model: %s", exc)
+        return 1
+    except AnnError as exc:
+        log.error("mfserve: cannot load the approximate index: %s", exc)
         return 1
     except BindError as exc:
         log.error("%s", exc)

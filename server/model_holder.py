@@ -1,9 +1,22 @@
 """The one swappable reference to the model being served.
 
-Every RPC reads :attr:`ModelHolder.current` exactly once and answers entirely from that object, so
-a call is answered by one model version even if a reload swaps the reference mid-call. Swapping is
-a single attribute assignment (atomic under the GIL); the old ``Recommender`` stays alive for the
-calls still holding it and is freed when the last one finishes. That is all hot reload needs.
+What is swapped is a ``ServingModel``: the ``Recommender`` plus, with ``--ann``, the approximate
+index stored beside that version (``mfserve.training.ann``). The two are loaded together and
+published by one attribute assignment, so a hot reload can never pair a new model with an old
+index (or the reverse).
+
+Every RPC reads :attr:`ModelHolder.serving` (or :attr:`ModelHolder.current`, its ``Recommender``)
+exactly once and answers entirely from that object, so a call is answered by one model version
+even if a reload swaps the reference mid-call. Swapping is a single attribute assignment (atomic
+under the GIL); the old model stays alive for the calls still holding it and is freed when the
+last one finishes. That is all hot reload needs.
+
+Approximate index modes (``ServerConfig.ann``): ``none`` never loads one; ``auto`` uses one if it is
+stored beside the version (hnsw before ivf) and serves exactly otherwise; ``hnsw`` / ``ivf``
+require that kind, and a version without it fails to load. In every mode an index that is there
+but corrupt or stale (built from other factors) is refused with ``AnnError``, never silently
+ignored: a version pushed without rebuilding its index must not quietly serve a different answer
+or cost 40x more per call.
 """
 
 from __future__ import annotations
@@ -11,15 +24,53 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+import torch
+
+from mfserve.training.ann import KINDS, AnnError, AnnIndex, load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
-from mfserve.training.recommender import Recommender
+from mfserve.training.recommender import RankRequest, Recommender
+
+ANN_MODES = ("none", "auto", *KINDS)
+# Per-call search parameter of each index kind (the others are build parameters).
+SEARCH_PARAM = {"hnsw": "ef_search", "ivf": "nprobe"}
+
+
+@dataclass(frozen=True, eq=False)
+class ServingIndex:
+    """An approximate index as served: the index, its per-call search parameter, and the cost of
+    one query in item scores (what the batcher's "cheap enough for the loop" rule compares)."""
+
+    index: AnnIndex
+    search: dict[str, int] = field(default_factory=dict)  # {"ef_search": N} or {"nprobe": N}
+    cost: int = 0
+
+    @property
+    def kind(self) -> str:
+        return str(self.index.kind)
+
+    def top_k_lists(
+        self, recommender: Recommender, users: torch.Tensor, k: int, requests: Sequence[RankRequest]
+    ) -> list[tuple[list[int], list[float]]]:
+        """``AnnIndex.top_k`` (unknown users and allow-lists exact) as Python lists."""
+        answers = self.index.top_k(recommender, users, k, requests, **self.search)
+        return [(rows.tolist(), scores.tolist()) for rows, scores in answers]
+
+
+@dataclass(frozen=True, eq=False)
+class ServingModel:
+    """What the holder swaps: a model and the approximate index loaded with it (or None)."""
+
+    recommender: Recommender
+    ann: ServingIndex | None = None
+
 
 # What create_server and ModelHolder.set accept as "a model".
-ModelSource = Union[str, "os.PathLike[str]", ModelArtifact, Recommender, None]
+ModelSource = Union[str, "os.PathLike[str]", ModelArtifact, Recommender, ServingModel, None]
 
 log = logging.getLogger("mfserve.server")
 
@@ -30,6 +81,8 @@ def to_recommender(model: ModelSource) -> Recommender | None:
     """A ``Recommender``: a path (version folder, or model folder: newest), an artifact, or one."""
     if model is None or isinstance(model, Recommender):
         return model
+    if isinstance(model, ServingModel):
+        return model.recommender
     if isinstance(model, ModelArtifact):
         return Recommender(model)
     if isinstance(model, (str, os.PathLike)):
@@ -40,19 +93,84 @@ def to_recommender(model: ModelSource) -> Recommender | None:
     )
 
 
-def describe(model: Recommender | None) -> str:
+def serving_index(
+    recommender: Recommender, ann: str = "none", search: Mapping[str, int] | None = None
+) -> ServingIndex | None:
+    """The approximate index to serve beside ``recommender`` under mode ``ann`` (module doc).
+
+    ``search``: overrides of the stored search parameters (``ef_search``, ``nprobe``); the one
+    that fits the index kind is used. Raises ``AnnError`` when the mode needs an index that is
+    missing, or the index found is corrupt or stale.
+    """
+    if ann not in ANN_MODES:
+        raise AnnError(f"unknown --ann mode {ann!r}; expected one of {', '.join(ANN_MODES)}")
+    if ann == "none":
+        return None
+    artifact = recommender.artifact
+    folder = artifact.path
+    if folder is None:
+        if ann == "auto":
+            return None
+        raise AnnError(
+            f"--ann {ann}: the model was never saved, so no index can be stored beside it"
+        )
+    index = load_index(folder, artifact, None if ann == "auto" else ann)
+    if index is None:
+        if ann == "auto":
+            log.info("mfserve: no approximate index beside %s: TopK is exact", folder)
+            return None
+        raise AnnError(
+            f"--ann {ann}: no {ann} index beside {folder} (ann-{ann}.json); build one with "
+            f"`mfserve index --model {folder} --kind {ann}`, or serve with --ann auto or none"
+        )
+    knob = SEARCH_PARAM[index.kind]
+    value = int((search or {}).get(knob) or index.params[knob])
+    if index.kind == "hnsw":
+        # Distances an HNSW search computes: about ef_search candidates x 2M neighbours each.
+        cost = value * 2 * index.params.get("m", 16)
+    else:
+        # nprobe inverted lists of about n_items / nlist vectors each.
+        cost = value * -(-index.n_items // max(1, index.params.get("nlist", 1)))
+    log.info(
+        "mfserve: approximate TopK: %s index %s, serving %s=%d, built in %.0fs, from %s",
+        index.kind,
+        " ".join(f"{k}={v}" for k, v in index.params.items()),
+        knob,
+        value,
+        index.build_seconds,
+        folder,
+    )
+    return ServingIndex(index, {knob: value}, cost)
+
+
+def describe(model: Recommender | ServingModel | None) -> str:
     """``"movielens v3"`` for logs."""
     if model is None:
         return "no model"
-    artifact = model.artifact
+    recommender = model.recommender if isinstance(model, ServingModel) else model
+    artifact = recommender.artifact
     return f"{artifact.name or 'unnamed'} v{artifact.version}"
 
 
 class ModelHolder:
-    """Holds the current ``Recommender`` (``None`` while none is loaded); swaps it atomically."""
+    """Holds the current ``ServingModel`` (``None`` while none is loaded); swaps it atomically.
 
-    def __init__(self, model: Recommender | None = None) -> None:
-        self._current = model
+    ``ann`` / ``ann_search``: how each model loaded or set here gets its approximate index (see
+    :func:`serving_index`); a ``ServingModel`` passed in keeps the index it comes with.
+    """
+
+    def __init__(
+        self,
+        model: Recommender | None = None,
+        *,
+        ann: str = "none",
+        ann_search: Mapping[str, int] | None = None,
+    ) -> None:
+        if ann not in ANN_MODES:
+            raise ValueError(f"unknown ann mode {ann!r}; expected one of {', '.join(ANN_MODES)}")
+        self.ann = ann
+        self.ann_search = dict(ann_search or {})
+        self._serving = None if model is None else ServingModel(model)
         # Serialises loads: two concurrent reloads cannot publish out of order. Readers never lock.
         self._load_lock = threading.Lock()
         self._listeners: list[Listener] = []
@@ -60,28 +178,47 @@ class ModelHolder:
     @property
     def current(self) -> Recommender | None:
         """The model to answer with. Read it once per RPC and keep the local reference."""
-        return self._current
+        serving = self._serving
+        return None if serving is None else serving.recommender
+
+    @property
+    def serving(self) -> ServingModel | None:
+        """The model and its index, swapped together. Read it once per RPC."""
+        return self._serving
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(new_model)`` after every swap (health status, metrics, logs)."""
         self._listeners.append(listener)
 
+    def prepare(self, model: ModelSource) -> ServingModel | None:
+        """``model`` loaded (if a path) and paired with its index per this holder's ``ann`` mode.
+
+        Blocking (file reads, sha256). Raises ``ArtifactError`` / ``AnnError``.
+        """
+        if model is None or isinstance(model, ServingModel):
+            return model
+        recommender = to_recommender(model)
+        assert recommender is not None
+        return ServingModel(recommender, serving_index(recommender, self.ann, self.ann_search))
+
     def set(self, model: ModelSource) -> Recommender | None:
         """Swap in ``model`` (anything :func:`to_recommender` accepts); returns the previous one."""
-        recommender = to_recommender(model)
+        serving = self.prepare(model)
         with self._load_lock:
-            return self._swap(recommender)
+            return self._swap(serving)
 
     def load(self, path: str | os.PathLike[str]) -> Recommender:
-        """Load and verify the artifact at ``path`` and swap it in. Blocking: file reads + sha256.
+        """Load and verify the artifact at ``path`` (and its index, per ``ann``) and swap it in.
+        Blocking: file reads + sha256.
 
-        On failure (``ArtifactError``) the current model stays in place, so a bad push never takes
-        a serving process down.
+        On failure (``ArtifactError``, ``AnnError``) the current model stays in place, so a bad
+        push never takes a serving process down.
         """
         with self._load_lock:
-            recommender = to_recommender(path)
-            assert recommender is not None
-            self._swap(recommender)
+            serving = self.prepare(path)
+            assert serving is not None
+            self._swap(serving)
+        recommender = serving.recommender
         log.info(
             "mfserve: loaded %s from %s", describe(recommender), recommender.artifact.path or path
         )
@@ -92,11 +229,12 @@ class ModelHolder:
         with self._load_lock:
             return self._swap(None)
 
-    def _swap(self, model: Recommender | None) -> Recommender | None:
-        previous, self._current = self._current, model
+    def _swap(self, serving: ServingModel | None) -> Recommender | None:
+        previous, self._serving = self._serving, serving
+        model = None if serving is None else serving.recommender
         for listener in list(self._listeners):
             try:
                 listener(model)
             except Exception:  # a broken listener must not undo or block a swap
                 log.exception("mfserve: model listener failed")
-        return previous
+        return None if previous is None else previous.recommender

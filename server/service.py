@@ -46,9 +46,10 @@ from mfserve.server.batching import (
     rank_cost,
     similar_batch,
     top_k_batch,
+    top_k_cost,
 )
 from mfserve.server.errors import ServiceError, abort, internal, not_found, unavailable
-from mfserve.server.model_holder import ModelHolder
+from mfserve.server.model_holder import ModelHolder, ServingModel
 from mfserve.server.validation import (
     COLD_START_HINT,
     check_pairs,
@@ -144,12 +145,13 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             inline_limit=INLINE_PREDICT_PAIRS,
             **options,
         )
-        rank_options = {**options, "cost": rank_cost, "inline_limit": INLINE_RANK_SCORES}
+        rank_options = {**options, "inline_limit": INLINE_RANK_SCORES}
+        # TopK batches are computed over a ServingModel: exact, or through its approximate index.
         self.top_k_batcher: Batcher[RankPayload, RankedRow] = Batcher(
-            "top_k", top_k_batch, **rank_options
+            "top_k", top_k_batch, cost=top_k_cost, **rank_options
         )
         self.similar_batcher: Batcher[RankPayload, RankedRow] = Batcher(
-            "similar_items", similar_batch, **rank_options
+            "similar_items", similar_batch, cost=rank_cost, **rank_options
         )
 
     def _in_flight(self) -> int:
@@ -170,9 +172,10 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         return future
 
     def _top_k_rows(
-        self, model: Recommender, user: int, k: int, rank: RankRequest
+        self, model: ServingModel, user: int, k: int, rank: RankRequest
     ) -> Awaitable[RankedRow]:
-        """The best ``k`` items for one user row (-1: the popularity ranking)."""
+        """The best ``k`` items for one user row (-1: the popularity ranking). With an approximate
+        index in ``model``, a known user without an allow-list is answered by the index."""
         future: Awaitable[RankedRow] = self.top_k_batcher.submit(model, (user, k, rank))
         return future
 
@@ -185,12 +188,16 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
 
     def _model(self) -> Recommender:
         """The model for this call; read once so one call never mixes two versions."""
-        model = self.holder.current
-        if model is None:
+        return self._serving().recommender
+
+    def _serving(self) -> ServingModel:
+        """The model and its approximate index for this call, read once (one version)."""
+        serving = self.holder.serving
+        if serving is None:
             raise unavailable(
                 "no model is loaded yet; retry shortly (the server is starting or reloading)"
             )
-        return model
+        return serving
 
     # ------------------------------------------------------------------ RPCs
     @_rpc
@@ -244,7 +251,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         require_ids("candidate_item_ids", request.candidate_item_ids)
         # Explicit presence: unset means true; only an explicit false keeps the seen items.
         exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
-        model = self._model()
+        serving = self._serving()
+        model = serving.recommender
 
         row = model.user_row(user)
         missing_user = [user] if row < 0 else []
@@ -268,7 +276,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
                 exclude=_known(model.item_rows(request.exclude_item_ids)),
                 candidates=candidates,
             )
-        rows_out, scores = await self._top_k_rows(model, row, k, rank)
+        rows_out, scores = await self._top_k_rows(serving, row, k, rank)
         response = pb.TopKResponse(
             model_version=model.artifact.version, missing_ids=missing_user + missing_candidates
         )

@@ -5,7 +5,7 @@ One grpc.aio process is bound to one core by the GIL. To use all cores, the pare
 1. reserves the port: binds a socket with ``SO_REUSEPORT`` (for ``--port 0`` this picks the free
    port) and keeps it, unlistened, until every worker is serving, so the port cannot be taken in
    between;
-2. loads and verifies the model ONCE, with one torch thread (no OpenMP pool exists to be broken by
+2. loads and verifies the model (and with ``--ann`` its approximate index) ONCE, with one torch thread (no OpenMP pool exists to be broken by
    ``fork``), then ``gc.freeze()``\\ s the heap so that the workers' garbage collections never write
    to the millions of id and metadata objects (a write would copy their pages into each worker);
 3. forks the workers before any gRPC object exists (gRPC's documented multiprocessing pattern).
@@ -43,8 +43,7 @@ from mfserve.server.app import (
     run_until_signal,
     set_torch_threads,
 )
-from mfserve.server.model_holder import describe, to_recommender
-from mfserve.training.recommender import Recommender
+from mfserve.server.model_holder import ModelHolder, ServingModel, describe
 
 log = logging.getLogger("mfserve.server")
 
@@ -85,7 +84,10 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
         # One thread while loading: torch ops here must not start an OpenMP pool before fork.
         set_torch_threads(1)
         gc.disable()  # nothing to collect while loading; avoids pointless full passes
-        model = to_recommender(model_path) if model_path is not None else None
+        # The approximate index too (--ann): loaded once here, shared by the workers like the rest
+        # (faiss searches only read it), instead of one private copy per worker.
+        holder = ModelHolder(ann=config.ann, ann_search=config.ann_search())
+        model = holder.prepare(model_path) if model_path is not None else None
         log.info("mfserve: loaded %s; starting %d workers on port %d", describe(model), count, port)
         gc.freeze()  # everything loaded moves to the permanent generation: never scanned again
         gc.enable()
@@ -97,7 +99,7 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
 
 class _Supervisor:
     def __init__(
-        self, config: ServerConfig, model: Recommender | None, count: int, reserved: socket.socket
+        self, config: ServerConfig, model: ServingModel | None, count: int, reserved: socket.socket
     ) -> None:
         self.config = config
         self.model = model
@@ -189,7 +191,7 @@ class _Supervisor:
 
 def _worker_main(
     config: ServerConfig,
-    model: Recommender | None,
+    model: ServingModel | None,
     number: int,
     reserved: socket.socket,
     ready_fd: int,

@@ -81,6 +81,9 @@ def test_defaults_match_server_config() -> None:
     assert args.max_queue_delay_us == defaults.max_queue_delay_us
     assert args.workers == defaults.workers
     assert args.torch_threads == defaults.torch_threads
+    assert args.ann == defaults.ann
+    assert args.ann_ef_search == defaults.ann_ef_search
+    assert args.ann_nprobe == defaults.ann_nprobe
     assert args.access_log is defaults.access_log is False
     assert args.handler is cli.run_serve
     # Every ServerConfig field is reachable from the command line or fixed on purpose.
@@ -100,7 +103,20 @@ def test_defaults_match_server_config() -> None:
         "max_queue_delay_us",
         "workers",
         "torch_threads",
+        "ann",
+        "ann_ef_search",
+        "ann_nprobe",
     }
+
+
+def test_ann_modes_match_the_server() -> None:
+    from mfserve.server.model_holder import ANN_MODES
+
+    assert cli.ANN_MODES == ANN_MODES
+    args = parser().parse_args(
+        ["serve", "--model", "m", "--ann", "hnsw", "--ann-ef-search", "128", "--ann-nprobe", "8"]
+    )
+    assert (args.ann, args.ann_ef_search, args.ann_nprobe) == ("hnsw", 128, 8)
 
 
 def test_flags_parse() -> None:
