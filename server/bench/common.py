@@ -37,17 +37,6 @@ def read_ids(version: Path) -> tuple[list[str], list[str]]:
     return users, items
 
 
-def resolve_version(model: str) -> Path:
-    """A version folder as given, or the newest numbered version under a model folder."""
-    path = Path(model)
-    if (path / "manifest.json").is_file():
-        return path
-    versions = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
-    if not versions:
-        raise SystemExit(f"{path}: no model version")
-    return path / str(versions[-1])
-
-
 async def serve_until_signal(servicer: Any, host: str, port: int) -> None:
     """Serve ``servicer`` with the same grpc.aio defaults as mfserve until SIGTERM or SIGINT."""
     server = grpc.aio.server(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from mfserve.server.bench.common import read_ids, resolve_version, serve_until_signal, server_args
+from mfserve.server.bench.common import read_ids, serve_until_signal, server_args
+from mfserve.training.artifact import resolve_version
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -178,9 +178,9 @@ def render_markdown(
 
 def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     if args.model:
-        from mfserve.server.bench.common import resolve_version
+        from mfserve.training.artifact import resolve_version
 
-        version = resolve_version(args.model)
+        version = resolve_version(Path(args.model).resolve())
         return version, f"{version}"
     from mfserve.training.synth import main as synth_main
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class ServerSpec:
@@ -53,7 +51,6 @@ class RunningServer:
         self.tail: deque[str] = deque(maxlen=40)
         self.proc = subprocess.Popen(
             [*spec.argv, "--port", "0"],
-            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -128,7 +125,6 @@ class ClientPool:
         self.procs = [
             subprocess.Popen(
                 [*command, "--seed", str(p)],
-                cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
