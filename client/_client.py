@@ -83,16 +83,7 @@ class RecommenderClient:
                 target, settings.credentials, options=settings.options
             )
         self._stub: Any = pb_grpc.RecommenderServiceStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            _protos.HEALTH_CHECK,
-            request_serializer=_protos.HealthCheckRequest.SerializeToString,
-            response_deserializer=_protos.HealthCheckResponse.FromString,
-        )
-        self._health_watch = self._channel.unary_stream(
-            _protos.HEALTH_WATCH,
-            request_serializer=_protos.HealthCheckRequest.SerializeToString,
-            response_deserializer=_protos.HealthCheckResponse.FromString,
-        )
+        self._health_check, self._health_watch = _protos.health_methods(self._channel)
 
     # ------------------------------------------------------------------ plumbing
     @property

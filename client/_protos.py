@@ -11,6 +11,8 @@ it is identical.
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
@@ -125,3 +127,21 @@ ResourceInfo = _class("google.rpc.ResourceInfo")
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def health_methods(channel: Any) -> tuple[Any, Any]:
+    """``grpc.health.v1.Health`` Check (unary) and Watch (streaming) callables on ``channel``.
+
+    Sync and ``grpc.aio`` channels share this method-building API, so both clients use it.
+    """
+    check = channel.unary_unary(
+        HEALTH_CHECK,
+        request_serializer=HealthCheckRequest.SerializeToString,
+        response_deserializer=HealthCheckResponse.FromString,
+    )
+    watch = channel.unary_stream(
+        HEALTH_WATCH,
+        request_serializer=HealthCheckRequest.SerializeToString,
+        response_deserializer=HealthCheckResponse.FromString,
+    )
+    return check, watch
