@@ -59,7 +59,8 @@ class Recommender:
         rank_user = tensors.get("rank_user_factors")
         if rank_user is not None:
             rank_item = tensors["rank_item_factors"]
-            rank_item_bias = tensors.get("rank_item_bias", torch.zeros(artifact.n_items))
+            # The default iALS head has no item bias: None skips an add of zeros on every call.
+            rank_item_bias: torch.Tensor | None = tensors.get("rank_item_bias")
             self._rank_user_offset = torch.zeros(artifact.n_users)
             self._rank_offset: torch.Tensor | None = None  # all zero: no add per call
         else:
@@ -69,7 +70,7 @@ class Recommender:
             self._rank_offset = self._rank_user_offset
         self._rank_user = rank_user.contiguous()
         self._rank_item = rank_item.contiguous()
-        self._rank_item_bias = rank_item_bias.contiguous()
+        self._rank_item_bias = None if rank_item_bias is None else rank_item_bias.contiguous()
 
         # Cosine similarity without a normalised copy of the item table: a copy would be private
         # to each process (256 MB per worker at 1M x 64), while the table itself is a read-only
@@ -227,7 +228,8 @@ class Recommender:
         ):
             return None
         scores = self._rank_user[user : user + 1] @ keys.T
-        scores += self._rank_item_bias
+        if self._rank_item_bias is not None:
+            scores += self._rank_item_bias
         if self._rank_offset is not None:
             scores += self._rank_offset[user : user + 1].unsqueeze(1)
         if request.exclude_seen:
