@@ -44,9 +44,8 @@ def resolve_k(k: int, max_k: int) -> int:
     return k or min(DEFAULT_K, max_k)
 
 
-def check_pairs(user_ids: Sequence[str], item_ids: Sequence[str], max_pairs: int) -> int:
-    """``BatchPredict``'s parallel arrays: same length, 1..max_pairs pairs, no empty id."""
-    n_users, n_items = len(user_ids), len(item_ids)
+def check_sizes(n_users: int, n_items: int, max_pairs: int) -> int:
+    """``BatchPredict``'s parallel arrays by length only: equal, and 1..max_pairs pairs."""
     if n_users != n_items:
         text = (
             f"user_ids has {n_users} ids but item_ids has {n_items}; "
@@ -65,8 +64,6 @@ def check_pairs(user_ids: Sequence[str], item_ids: Sequence[str], max_pairs: int
             f"{max_pairs}; split the batch"
         )
         raise invalid_fields(text, "user_ids", "item_ids")
-    require_ids("user_ids", user_ids)
-    require_ids("item_ids", item_ids)
     return n_users
 
 

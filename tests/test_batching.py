@@ -409,3 +409,21 @@ def test_lone_top_k_matches_the_batched_path(synthetic_model: Any, exclude_seen:
         assert scores.tolist() == pytest.approx(pair_scores.tolist(), abs=TOL)
         if exclude_seen:
             assert not set(lone.seen_items(user).tolist()) & set(items.tolist())
+
+
+def test_lone_top_k_lists_match_the_batched_path(synthetic_model: Any) -> None:
+    # The server's lone TopK goes straight to lists; a k past the catalogue makes the seen items
+    # (scored -inf) fall off the end, as the batched path drops them.
+    rec = Recommender(synthetic_model)
+    request = RankRequest()
+    for k in (5, rec.n_items + 10):
+        for user in range(0, rec.n_users, 11):
+            lone = rec.top_one_lists(user, k, request)
+            assert lone is not None
+            [(items, scores)] = rec.top_k_lists(torch.tensor([user, 0]), k, [request, request])[:1]
+            assert lone[0] == items
+            assert lone[1] == pytest.approx(scores, abs=TOL)
+            assert len(items) == min(k, rec.n_items - len(rec.seen_items(user)))
+    # Rows the shortcut does not cover: an unknown user, an allow-list.
+    assert rec.top_one_lists(-1, 5, request) is None
+    assert rec.top_one_lists(0, 5, RankRequest(candidates=torch.tensor([1, 2]))) is None

@@ -9,6 +9,7 @@ mapped to rows with one dict lookup each; -1 marks an id the model does not know
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import repeat
 
@@ -50,6 +51,10 @@ class Recommender:
         self.item_bias = tensors["item_bias"]
         self._user_rows = {uid: row for row, uid in enumerate(artifact.user_ids)}
         self._item_rows = {iid: row for row, iid in enumerate(artifact.item_ids)}
+        # "" is never an id (training refuses it): keeping it out of the maps lets a lookup's -1
+        # stand for "empty or unknown", so the server validates only batches that have a -1.
+        self._user_rows.pop("", None)
+        self._item_rows.pop("", None)
         self.item_ids = artifact.item_ids
         self.user_ids = artifact.user_ids
 
@@ -194,7 +199,7 @@ class Recommender:
         if len(rows) == 1:
             alone = self._top_one(int(user_rows[0]), k, rows[0])
             if alone is not None:
-                return alone
+                return Ranking(1, [0], alone.values, alone.indices, {})
         unknown = user_rows < 0
         popular = unknown if unknown.any() else None
         clamped = users if popular is None else torch.from_numpy(np.maximum(user_rows, 0))
@@ -213,7 +218,23 @@ class Recommender:
             self_items=None,
         )
 
-    def _top_one(self, user: int, k: int, request: RankRequest) -> Ranking | None:
+    def top_one_lists(
+        self, user: int, k: int, request: RankRequest
+    ) -> tuple[list[int], list[float]] | None:
+        """:meth:`top_k_lists` for one user row, straight to lists (the server's lone TopK), or
+        None when that row needs the general path (see :meth:`_top_one`)."""
+        top = self._top_one(user, k, request)
+        if top is None:
+            return None
+        scores: list[float] = top.values[0].tolist()
+        items: list[int] = top.indices[0].tolist()
+        # Best first: masked items (-inf) can only sit at the end, when fewer than k are eligible.
+        if scores and not math.isfinite(scores[-1]):
+            keep = [j for j, score in enumerate(scores) if math.isfinite(score)]
+            items, scores = [items[j] for j in keep], [scores[j] for j in keep]
+        return items, scores
+
+    def _top_one(self, user: int, k: int, request: RankRequest) -> torch.return_types.topk | None:
         """One known user without allow/deny lists over a one-chunk catalogue (a lone TopK): the
         full scan's own tensor ops, in its order (the same answer bit for bit), without the batch
         bookkeeping around them. None when the general path is needed."""
@@ -236,8 +257,7 @@ class Recommender:
             start, stop = self._seen_indptr_np[user], self._seen_indptr_np[user + 1]
             if stop > start:  # the user's CSR slice: no index arrays to build
                 scores[0, self._seen_indices[start:stop]] = -torch.inf
-        top = torch.topk(scores, min(k, n_keys), dim=1)
-        return Ranking(1, [0], top.values, top.indices, {})
+        return torch.topk(scores, min(k, n_keys), dim=1)
 
     def _similar(
         self, items: torch.Tensor, k: int, requests: Sequence[RankRequest] | None
