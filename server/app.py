@@ -233,13 +233,26 @@ class RecommenderServer:
             if stats.batches:
                 log.info(
                     "mfserve: batching %s: %d calls in %d batches (mean %.1f, max %d), "
-                    "%d dropped before compute",
+                    "%d computed inline, %d dropped before compute",
                     name,
                     stats.computed,
                     stats.batches,
                     stats.computed / stats.batches,
                     stats.max_batch,
+                    stats.inline,
                     stats.dropped,
+                )
+            if stats.executor_batches:
+                per_batch = 1e6 / stats.executor_batches
+                log.info(
+                    "mfserve: batching %s: %d batches on the compute thread, per batch: "
+                    "%.0f us to start, %.0f us computing (%.0f us of CPU), %.0f us back to the loop",
+                    name,
+                    stats.executor_batches,
+                    stats.start_wait_s * per_batch,
+                    stats.compute_s * per_batch,
+                    stats.compute_cpu_s * per_batch,
+                    stats.return_wait_s * per_batch,
                 )
         log.info("mfserve: stopped")
 

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -64,6 +65,8 @@ Model = Any
 Compute = Callable[[Model, list[P]], list[R]]
 # (results, {position: error}, whether the batch failed and was recomputed call by call)
 Outcome = tuple[list[Any], dict[int, BaseException], bool]
+# With the executor: (outcome, (start wait s, compute wall s, compute CPU s, finished at))
+TimedOutcome = tuple[Outcome, tuple[float, float, float, float]]
 
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
@@ -91,6 +94,18 @@ class BatchStats:
     max_batch: int = 0  # largest batch so far
     inline: int = 0  # batches computed on the event loop (lone cheap calls; all without executor)
     sizes: Counter[int] = field(default_factory=Counter)  # batch size -> how many batches
+    # Where an executor batch's time goes (seconds, summed over executor batches): handed to the
+    # executor until its compute starts; the compute's wall and thread-CPU time; its end until the
+    # loop takes the results. Wall far above CPU means the compute thread waited for the GIL or a
+    # core, which on a small busy host is what a thread hop costs (docs/benchmarks.md).
+    start_wait_s: float = 0.0
+    compute_s: float = 0.0
+    compute_cpu_s: float = 0.0
+    return_wait_s: float = 0.0
+
+    @property
+    def executor_batches(self) -> int:
+        return self.batches - self.inline
 
 
 Entry = tuple[Model, Any, "asyncio.Future[Any]"]
@@ -204,7 +219,7 @@ class Batcher(Generic[P, R]):
             return
         self._count(batch, inline=False)
         try:
-            done = self._executor.submit(self._run, model, payloads)
+            done = self._executor.submit(self._run_timed, model, payloads, time.perf_counter())
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
             self._complete(
                 batch, ([None] * len(batch), dict.fromkeys(range(len(batch)), exc), False)
@@ -263,7 +278,7 @@ class Batcher(Generic[P, R]):
             batch.append(entry)
         return batch, rest
 
-    def _done_threadsafe(self, batch: list[Entry], done: Future[Outcome]) -> None:
+    def _done_threadsafe(self, batch: list[Entry], done: Future[TimedOutcome]) -> None:
         # Runs on the worker thread: hand the whole batch back to the loop in one wake-up.
         loop = self._loop
         assert loop is not None
@@ -271,9 +286,14 @@ class Batcher(Generic[P, R]):
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._complete_future, batch, done)
 
-    def _complete_future(self, batch: list[Entry], done: Future[Outcome]) -> None:
+    def _complete_future(self, batch: list[Entry], done: Future[TimedOutcome]) -> None:
         try:
-            outcome = done.result()
+            outcome, (start_wait, compute, cpu, finished) = done.result()
+            stats = self.stats
+            stats.start_wait_s += start_wait
+            stats.compute_s += compute
+            stats.compute_cpu_s += cpu
+            stats.return_wait_s += time.perf_counter() - finished
         except BaseException as exc:  # cancelled by executor shutdown
             error = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
             outcome = _failed(len(batch), error)
@@ -298,6 +318,17 @@ class Batcher(Generic[P, R]):
             self._dispatch()
 
     # ----------------------------------------------------------------- worker side
+    def _run_timed(self, model: Model, payloads: list[P], dispatched: float) -> TimedOutcome:
+        started, cpu = time.perf_counter(), time.thread_time()
+        outcome = self._run(model, payloads)
+        finished = time.perf_counter()
+        return outcome, (
+            started - dispatched,
+            finished - started,
+            time.thread_time() - cpu,
+            finished,
+        )
+
     def _run(self, model: Model, payloads: list[P]) -> Outcome:
         compute = self.compute
         try:

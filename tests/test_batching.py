@@ -296,6 +296,10 @@ def test_batches_form_under_concurrency(server: ServerThread, stub: Any) -> None
     stats = server.server.service.top_k_batcher.stats
     assert stats.computed == 200
     assert stats.batches < 200 and stats.max_batch > 1
+    # The timing counters cover exactly the batches that went to the compute thread.
+    assert stats.executor_batches == stats.batches - stats.inline > 0
+    assert stats.compute_s > 0 and stats.compute_cpu_s > 0
+    assert stats.start_wait_s >= 0 and stats.return_wait_s >= 0
 
 
 def test_a_batch_holds_one_model(tmp_path: Path) -> None:

@@ -20,16 +20,17 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     markdown = tmp_path / "bench.md"
     short = ["--quick", "--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
     model = ["--users", "50", "--items", "2000", "--factors", "16"]
-    servers = ["--servers", "empty,naive", "--concurrency", "1,2"]
+    servers = ["--servers", "empty,empty-hop,naive", "--concurrency", "1,2"]
     code = main(["bench", *short, *model, *servers, "--markdown", str(markdown)])
     assert code == 0
     text = markdown.read_text()
     assert "| server | rpc | concurrency | QPS | pairs/s | p50 ms |" in text
     assert "Command: `mfserve bench --quick" in text
     assert "grpcio" in text and "torch" in text
-    rows = [line for line in text.splitlines() if line.startswith(("| empty ", "| naive "))]
-    assert len(rows) == 2 * 3 * 2
-    for server in ("empty", "naive"):
+    names = ("empty", "empty-hop", "naive")
+    rows = [line for line in text.splitlines() if line.startswith(tuple(f"| {n} " for n in names))]
+    assert len(rows) == 3 * 3 * 2
+    for server in names:
         for rpc in ("Predict", "BatchPredict", "TopK"):
             for concurrency in (1, 2):
                 row = next(r for r in rows if r.startswith(f"| {server} | {rpc} | {concurrency} |"))

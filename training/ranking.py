@@ -112,7 +112,9 @@ def chunked_topk(
             else:
                 in_chunk = (banned_cols >= start) & (banned_cols < stop)
                 rows, cols = banned_rows[in_chunk], banned_cols[in_chunk] - start
-            scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+            # Through numpy: an in-place numpy write keeps the GIL, a torch op hands it over
+            # (see Recommender._top_k).
+            scores.numpy()[rows, cols] = -np.inf
         top = torch.topk(scores, min(k, stop - start), dim=1)
         if start == 0:
             best_scores, best_items = top.values, top.indices

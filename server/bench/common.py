@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,14 @@ from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 READY_PREFIX = "PORT "
 
 
-def server_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+def server_args(
+    argv: list[str] | None,
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--model", required=True, help="model version folder (models/NAME/N)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

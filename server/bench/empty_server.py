@@ -3,11 +3,17 @@
 Every RPC returns a canned response of the shape mfserve would send (``k`` ScoredItems with real
 item ids for TopK, one float per pair for BatchPredict), so the gap between this server and mfserve
 is exactly what the model path costs: id lookup, scoring, and building the response.
+
+``--hop`` (the harness's ``empty-hop`` server) still does no work, but hands every call to a
+one-thread executor and back before answering: what a thread hop alone costs on this host, the
+price a server pays for keeping tensor work off the event loop (mfserve pays it once per batch).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mfserve.server.bench.common import read_ids, serve_until_signal, server_args
@@ -19,20 +25,27 @@ DEFAULT_K = 10
 
 
 class EmptyServicer(pb_grpc.RecommenderServiceServicer):  # type: ignore[misc]
-    def __init__(self, item_ids: list[str]) -> None:
+    def __init__(self, item_ids: list[str], *, hop: bool = False) -> None:
+        self._hop = ThreadPoolExecutor(1, thread_name_prefix="empty-hop") if hop else None
         self._item_ids = item_ids[:1000] or ["i0"]
         self._predict = pb.PredictResponse(rating=3.5, model_version=1)
         self._topk: dict[int, pb.TopKResponse] = {}
         self._batch: dict[int, pb.BatchPredictResponse] = {}
 
+    async def _maybe_hop(self) -> None:
+        if self._hop is not None:
+            await asyncio.get_running_loop().run_in_executor(self._hop, int)
+
     async def Predict(  # noqa: N802 - gRPC's method name
         self, request: pb.PredictRequest, context: Any
     ) -> pb.PredictResponse:
+        await self._maybe_hop()
         return self._predict
 
     async def BatchPredict(  # noqa: N802
         self, request: pb.BatchPredictRequest, context: Any
     ) -> pb.BatchPredictResponse:
+        await self._maybe_hop()
         n = len(request.user_ids)
         response = self._batch.get(n)
         if response is None:  # one canned response per batch size, built once
@@ -43,6 +56,7 @@ class EmptyServicer(pb_grpc.RecommenderServiceServicer):  # type: ignore[misc]
     async def TopK(  # noqa: N802
         self, request: pb.TopKRequest, context: Any
     ) -> pb.TopKResponse:
+        await self._maybe_hop()
         k = request.k or DEFAULT_K
         response = self._topk.get(k)
         if response is None:
@@ -55,9 +69,15 @@ class EmptyServicer(pb_grpc.RecommenderServiceServicer):  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = server_args(argv, "benchmark floor: canned responses, no model work")
+    def hop_flag(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--hop", action="store_true", help="hand each call to a thread and back (no work)"
+        )
+
+    args = server_args(argv, "benchmark floor: canned responses, no model work", hop_flag)
     _users, items = read_ids(resolve_version(args.model))
-    asyncio.run(serve_until_signal(EmptyServicer(items), args.host, args.port))
+    servicer = EmptyServicer(items, hop=args.hop)
+    asyncio.run(serve_until_signal(servicer, args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ rpc, concurrency): warmup, then a fixed window in which every call's latency is 
 
 Servers:
   empty    canned responses of the right shape: the cost of the gRPC stack alone (the floor)
+  empty-hop  the same, but each call goes to a thread and back first: the cost of a thread hop
   naive    one unbatched model call per RPC on the event loop (the baseline to beat)
   mfserve  the real server, ``python -m mfserve.server serve --model DIR --port 0 [--mfserve-arg]``
 
@@ -210,7 +211,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--factors", type=int, default=64, help="synthetic factor width")
     parser.add_argument(
-        "--servers", default="empty,naive,mfserve", help="comma-separated: empty, naive, mfserve"
+        "--servers",
+        default="empty,naive,mfserve",
+        help="comma-separated: empty, empty-hop, naive, mfserve",
     )
     parser.add_argument(
         "--rpcs", default="predict,batch,topk", help="comma-separated: predict, batch, topk"
@@ -254,9 +257,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.rpc_list = [r.strip() for r in args.rpcs.split(",") if r.strip()]
     args.concurrency_list = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    unknown = set(args.server_list) - {"empty", "naive", "mfserve"} | set(args.rpc_list) - set(
-        RPC_LABELS
-    )
+    unknown = set(args.server_list) - {"empty", "empty-hop", "naive", "mfserve"} | set(
+        args.rpc_list
+    ) - set(RPC_LABELS)
     if unknown or not args.concurrency_list or min(args.concurrency_list) < 1:
         parser.error(f"bad --servers/--rpcs/--concurrency: {sorted(unknown) or args.concurrency}")
     return args

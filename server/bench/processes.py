@@ -31,6 +31,11 @@ def server_specs(version: Path, mfserve_args: list[str]) -> dict[str, ServerSpec
         "empty": ServerSpec(
             "empty", [py, "-m", "mfserve.server.bench.empty_server", "--model", str(version)], plain
         ),
+        "empty-hop": ServerSpec(
+            "empty-hop",
+            [py, "-m", "mfserve.server.bench.empty_server", "--model", str(version), "--hop"],
+            plain,
+        ),
         "naive": ServerSpec(
             "naive", [py, "-m", "mfserve.server.bench.naive_server", "--model", str(version)], plain
         ),
