@@ -83,6 +83,11 @@ class ServerConfig:
     # default (one per core). 1 by default: batching already amortises the work, and idle
     # OpenMP threads spinning on a busy host steal the cores the event loops need.
     torch_threads: int = 1
+    # torch intra-op threads for a lone call computed on the event loop, which happens only when no
+    # other call is in the server, so the other cores are idle: the scan of the item table splits
+    # across them (TopK p50 at concurrency 1 on 2 cores: ~1.35 -> ~1.07 ms). Capped at this
+    # process's share of the cores; 0 (or compute_threads 0) uses torch_threads.
+    lone_torch_threads: int = 2
     # Approximate TopK for known users without an allow-list (SimilarItems and Predict stay
     # exact): "none"; "auto" (an index stored beside the version if there is one); "hnsw" or
     # "ivf" (that index is required: a version without it fails to load).
@@ -106,6 +111,7 @@ class ServerConfig:
             "max_queue_delay_us": 0 <= self.max_queue_delay_us <= 1_000_000,
             "workers": 0 <= self.workers <= 1024,
             "torch_threads": self.torch_threads >= 0,
+            "lone_torch_threads": self.lone_torch_threads >= 0,
             "ann": self.ann in ANN_MODES,
             "ann_ef_search": self.ann_ef_search >= 0,
             "ann_nprobe": self.ann_nprobe >= 0,
@@ -144,7 +150,9 @@ class RecommenderServer:
                 max_workers=config.compute_threads,
                 thread_name_prefix="mfserve-compute",
                 initializer=_init_compute_thread,
-                initargs=(config.ann != "none",),
+                # The count serve() (or a worker) set for this process, read now: start() gives
+                # the loop thread its own count, and a thread started later must not take that.
+                initargs=(config.ann != "none", _torch_threads()),
             )
             if config.compute_threads
             else None
@@ -178,6 +186,9 @@ class RecommenderServer:
         config = self.config
         if config.ann != "none":
             set_faiss_threads(1)  # lone ANN calls are computed on this (the loop's) thread
+        lone_threads = lone_torch_threads(config)
+        if lone_threads:
+            set_torch_threads(lone_threads)  # this (the loop's) thread only: OpenMP is per thread
         interceptors = [AccessLogInterceptor()] if config.access_log else []
         # grpc.aio.server binds to the running loop, so it is built here rather than in __init__.
         server = grpc.aio.server(
@@ -278,10 +289,27 @@ class RecommenderServer:
             asyncio.run_coroutine_threadsafe(self._publish_health(), loop)
 
 
-def _init_compute_thread(ann: bool) -> None:
-    _inherit_torch_threads()
+def _init_compute_thread(ann: bool, torch_threads: int) -> None:
+    # OpenMP keeps the thread count per thread: without this, a compute thread starts at one per
+    # core, and a lone TopK on it spins up (and spins on) a team of OpenMP threads (measured 7 ms
+    # instead of 0.3 ms per call on a busy 2-core host).
+    set_torch_threads(torch_threads)
     if ann:
         set_faiss_threads(1)
+
+
+def lone_torch_threads(config: ServerConfig) -> int:
+    """Torch threads for the event loop's lone calls (0: leave them at ``torch_threads``)."""
+    if not config.compute_threads or not config.lone_torch_threads:
+        return 0  # with compute_threads 0 every batch runs on the loop, under load too
+    share = max(1, (os.cpu_count() or 1) // max(1, config.workers))
+    return min(config.lone_torch_threads, share)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def set_faiss_threads(threads: int) -> None:
@@ -295,18 +323,6 @@ def set_faiss_threads(threads: int) -> None:
     except ImportError:  # no index can have been loaded without it
         return
     faiss.omp_set_num_threads(threads)
-
-
-def _inherit_torch_threads() -> None:
-    """Give a compute thread the process's torch thread count.
-
-    OpenMP keeps the thread count per thread: ``torch.set_num_threads`` in the main thread leaves
-    every new thread at one per core, and a lone TopK on such a thread then spins up (and spins
-    on) a team of OpenMP threads: measured 7 ms instead of 0.3 ms per call on a busy 2-core host.
-    """
-    import torch
-
-    torch.set_num_threads(torch.get_num_threads())
 
 
 def create_server(
@@ -361,11 +377,16 @@ async def run_until_signal(
 
 
 def set_torch_threads(threads: int) -> None:
-    """Apply ``ServerConfig.torch_threads`` (process-wide; 0 keeps torch's default)."""
+    """Set the calling thread's torch intra-op threads (and the default of threads started later;
+    0 keeps torch's default)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+        # torch initialises each thread's OpenMP count lazily, from the last value set by any
+        # thread: without this read, another thread setting its own count before this thread's
+        # first parallel op would silently overwrite this one.
+        torch.get_num_threads()
 
 
 def serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> int:

@@ -27,6 +27,7 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 DEFAULT_WORKERS = 1
 DEFAULT_TORCH_THREADS = 1
+DEFAULT_LONE_TORCH_THREADS = 2
 DEFAULT_ANN = "none"
 ANN_MODES = ("none", "auto", "hnsw", "ivf")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -149,6 +150,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         f"(default: {DEFAULT_TORCH_THREADS})",
     )
     parser.add_argument(
+        "--lone-torch-threads",
+        type=int,
+        default=DEFAULT_LONE_TORCH_THREADS,
+        metavar="N",
+        help="torch intra-op threads for a call computed alone on the event loop (only when no "
+        "other call is in the server, so the other cores are idle); capped at the process's "
+        f"share of the cores; 0: --torch-threads (default: {DEFAULT_LONE_TORCH_THREADS})",
+    )
+    parser.add_argument(
         "--ann",
         default=DEFAULT_ANN,
         choices=ANN_MODES,
@@ -243,6 +253,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             workers=args.workers,
             torch_threads=args.torch_threads,
+            lone_torch_threads=args.lone_torch_threads,
             ann=args.ann,
             ann_ef_search=args.ann_ef_search,
             ann_nprobe=args.ann_nprobe,

@@ -13,6 +13,7 @@ until the test has queued the others, which then form one batch. No test asserts
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -431,3 +432,34 @@ def test_lone_top_k_lists_match_the_batched_path(synthetic_model: Any) -> None:
     # Rows the shortcut does not cover: an unknown user, an allow-list.
     assert rec.top_one_lists(-1, 5, request) is None
     assert rec.top_one_lists(0, 5, RankRequest(candidates=torch.tensor([1, 2]))) is None
+
+
+# ------------------------------------------------------------------ torch threads per thread
+def test_lone_torch_threads_are_capped_by_the_process_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mfserve.server.app import ServerConfig, lone_torch_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert lone_torch_threads(ServerConfig()) == 2
+    assert lone_torch_threads(ServerConfig(lone_torch_threads=8)) == 4
+    assert lone_torch_threads(ServerConfig(lone_torch_threads=8, workers=2)) == 2
+    assert lone_torch_threads(ServerConfig(workers=4)) == 1
+    # Off, or every batch on the loop (under load too): the loop keeps torch_threads.
+    assert lone_torch_threads(ServerConfig(lone_torch_threads=0)) == 0
+    assert lone_torch_threads(ServerConfig(compute_threads=0)) == 0
+
+
+def test_loop_and_compute_threads_get_their_own_torch_threads(model_dir: Path) -> None:
+    # OpenMP keeps the count per thread: the loop's lone calls may use two, batches keep one.
+    torch.set_num_threads(1)
+    with running_server_handle(model_dir, lone_torch_threads=2, torch_threads=1) as handle:
+
+        async def loop_threads() -> int:
+            return torch.get_num_threads()
+
+        executor = handle.server._executor
+        assert executor is not None
+        compute = executor.submit(torch.get_num_threads).result(30)
+        assert compute == 1
+        assert handle.call(loop_threads()) == min(2, os.cpu_count() or 1)

@@ -81,6 +81,7 @@ def test_defaults_match_server_config() -> None:
     assert args.max_queue_delay_us == defaults.max_queue_delay_us
     assert args.workers == defaults.workers
     assert args.torch_threads == defaults.torch_threads
+    assert args.lone_torch_threads == defaults.lone_torch_threads
     assert args.ann == defaults.ann
     assert args.ann_ef_search == defaults.ann_ef_search
     assert args.ann_nprobe == defaults.ann_nprobe
@@ -103,6 +104,7 @@ def test_defaults_match_server_config() -> None:
         "max_queue_delay_us",
         "workers",
         "torch_threads",
+        "lone_torch_threads",
         "ann",
         "ann_ef_search",
         "ann_nprobe",
