@@ -397,7 +397,21 @@ def _rank_batch(
     # Calls may ask for different k: rank once with the largest and cut each row to its own.
     rows = torch.tensor([p[0] for p in payloads], dtype=torch.int64)
     k = max(p[1] for p in payloads)
-    ranked = rank(rows, k, [p[2] for p in payloads])
+    return _cut(rank(rows, k, [p[2] for p in payloads]), payloads)
+
+
+def _plain(payload: RankPayload) -> bool:
+    """A known user with neither an allow-list nor a deny-list."""
+    exclude = payload[2].exclude
+    return (
+        payload[0] >= 0
+        and payload[2].candidates is None
+        and (exclude is None or not exclude.numel())
+    )
+
+
+def _cut(ranked: list[RankedRow], payloads: list[RankPayload]) -> list[RankedRow]:
+    """Each call's row cut to its own k (a batch ranks once, with the largest)."""
     return [
         (items[:want], scores[:want]) if len(items) > want else (items, scores)
         for (items, scores), (_, want, _) in zip(ranked, payloads, strict=True)
@@ -423,6 +437,14 @@ def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[Ranked
             alone = recommender.top_one_lists(row, k, rank)
             if alone is not None:
                 return [alone]
+        elif all(_plain(payload) for payload in payloads):  # the usual batch under load
+            known = recommender.top_k_known_lists(
+                [p[0] for p in payloads],
+                max(p[1] for p in payloads),
+                [p[2].exclude_seen for p in payloads],
+            )
+            if known is not None:
+                return _cut(known, payloads)
         return _rank_batch(recommender.top_k_lists, payloads)
     return _rank_batch(functools.partial(ann.top_k_lists, recommender), payloads)
 

@@ -283,9 +283,10 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
                 candidates=candidates,
             )
         rows_out, scores = await self._top_k_rows(serving, row, k, rank)
-        response = pb.TopKResponse(
-            model_version=model.artifact.version, missing_ids=missing_user + missing_candidates
-        )
+        response = pb.TopKResponse()
+        response.model_version = model.artifact.version
+        if missing_user or missing_candidates:
+            response.missing_ids.extend(missing_user + missing_candidates)
         _add_scored(response.items, model, rows_out, scores, request.include_metadata)
         return response
 
@@ -327,16 +328,24 @@ def _add_scored(
     items: Any, model: Recommender, rows: list[int], scores: list[float], include_metadata: bool
 ) -> None:
     """Append ranked items to a repeated ``ScoredItem`` field (the one per-item loop: output)."""
+    # Fields set one by one: protobuf's keyword parsing makes add(item_id=..., ...) twice as slow
+    # (~10 us against ~5 us for ten items), and this runs on the event loop for every call.
     ids = model.item_ids
+    add = items.add
     if not include_metadata:
-        add = items.add
         for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1):
-            add(item_id=ids[row], score=score, rank=rank)
+            scored = add()
+            scored.item_id = ids[row]
+            scored.score = score
+            scored.rank = rank
         return
     artifact = model.artifact
     titles, genres = artifact.item_titles, artifact.item_genres
     for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1):
-        scored = items.add(item_id=ids[row], score=score, rank=rank)
+        scored = add()
+        scored.item_id = ids[row]
+        scored.score = score
+        scored.rank = rank
         if titles is not None and titles[row]:
             scored.title = titles[row]
         if genres is not None and genres[row]:

@@ -463,3 +463,18 @@ def test_loop_and_compute_threads_get_their_own_torch_threads(model_dir: Path) -
         compute = executor.submit(torch.get_num_threads).result(30)
         assert compute == 1
         assert handle.call(loop_threads()) == min(2, os.cpu_count() or 1)
+
+
+def test_known_users_batch_path_matches_the_general_path(synthetic_model: Any) -> None:
+    # The server's usual batch (known users, no lists) takes a short path: the same answers.
+    rec = Recommender(synthetic_model)
+    users = list(range(0, rec.n_users, 3))
+    flags = [u % 2 == 0 for u in users]
+    for k in (7, rec.n_items + 5):  # the second leaves seen items (-inf) to drop
+        known = rec.top_k_known_lists(users, k, flags)
+        general = rec.top_k_lists(
+            torch.tensor(users), k, [RankRequest(exclude_seen=f) for f in flags]
+        )
+        assert known == general
+    chunked = Recommender(synthetic_model, chunk_size=synthetic_model.n_items // 3)
+    assert chunked.top_k_known_lists(users, 5, flags) is None

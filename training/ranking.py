@@ -47,16 +47,9 @@ def banned_pairs(
         wanted = np.array([r.exclude_seen for r in requests], dtype=bool) & (seen_users >= 0)
         if wanted.any():
             rows = np.flatnonzero(wanted)
-            users = seen_users[rows]
-            starts = seen_indptr[users]
-            lengths = seen_indptr[users + 1] - starts
-            total = int(lengths.sum())
-            if total:
-                # Entry j of row r is at starts[r] + j: repeat each start, add j.
-                first = np.cumsum(lengths) - lengths
-                within = np.arange(total) - np.repeat(first, lengths)
-                positions.append(np.repeat(rows, lengths))
-                columns.append(seen_indices[np.repeat(starts, lengths) + within])
+            seen_rows, seen_cols = seen_pairs(rows, seen_users[rows], seen_indptr, seen_indices)
+            positions.append(seen_rows)
+            columns.append(seen_cols)
     for pos, request in enumerate(requests):
         if request.exclude is not None and request.exclude.numel():
             positions.append(np.full(request.exclude.numel(), pos, dtype=np.int64))
@@ -70,6 +63,29 @@ def banned_pairs(
     if len(positions) == 1:
         return positions[0], columns[0]
     return np.concatenate(positions), np.concatenate(columns)
+
+
+def seen_pairs(
+    rows: np.ndarray, users: np.ndarray, seen_indptr: np.ndarray, seen_indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(batch row, item) pairs for the items each user rated (``users[j]`` sits at ``rows[j]``),
+    gathered from the CSR arrays in a few whole-batch operations, with no slice per row."""
+    starts = seen_indptr[users]
+    lengths = seen_indptr[users + 1] - starts
+    total = int(lengths.sum())
+    # Entry j of row r is at starts[r] + j: repeat each start, add j.
+    first = np.cumsum(lengths) - lengths
+    within = np.arange(total) - np.repeat(first, lengths)
+    return np.repeat(rows, lengths), seen_indices[np.repeat(starts, lengths) + within]
+
+
+def finite_lists(items: list[int], scores: list[float]) -> tuple[list[int], list[float]]:
+    """One ranked row without its masked (-inf) items, which sort last: only a row that has fewer
+    eligible items than k has any, so the common row is returned as it is."""
+    if scores and not (math.isfinite(scores[0]) and math.isfinite(scores[-1])):
+        keep = [j for j, score in enumerate(scores) if math.isfinite(score)]
+        return [items[j] for j in keep], [scores[j] for j in keep]
+    return items, scores
 
 
 def chunked_topk(
@@ -157,14 +173,9 @@ class Ranking:
         if self.full_rows:
             all_items: list[list[int]] = self.indices.tolist()
             all_scores: list[list[float]] = self.scores.tolist()
-            finite = math.isfinite
             for pos, row in enumerate(self.full_rows):
-                items, scores = all_items[pos], all_scores[pos]
                 # Sorted best first: masked items (-inf) sit at the end, and NaN at the front.
-                if scores and not (finite(scores[0]) and finite(scores[-1])):
-                    keep = [j for j, score in enumerate(scores) if math.isfinite(score)]
-                    items, scores = [items[j] for j in keep], [scores[j] for j in keep]
-                out[row] = (items, scores)
+                out[row] = finite_lists(all_items[pos], all_scores[pos])
         for row, (found, found_scores) in self.singles.items():
             out[row] = (found.tolist(), found_scores.tolist())
         return [r for r in out if r is not None]

@@ -9,7 +9,6 @@ mapped to rows with one dict lookup each; -1 marks an id the model does not know
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from itertools import repeat
 
@@ -24,6 +23,8 @@ from mfserve.training.ranking import (
     RankRequest,
     banned_pairs,
     chunked_topk,
+    finite_lists,
+    seen_pairs,
 )
 
 __all__ = ["UNKNOWN", "RankRequest", "Ranked", "RankedLists", "Recommender"]
@@ -230,13 +231,39 @@ class Recommender:
         top = self._top_one(user, k, request)
         if top is None:
             return None
-        scores: list[float] = top.values[0].tolist()
-        items: list[int] = top.indices[0].tolist()
-        # Best first: masked items (-inf) can only sit at the end, when fewer than k are eligible.
-        if scores and not math.isfinite(scores[-1]):
-            keep = [j for j, score in enumerate(scores) if math.isfinite(score)]
-            items, scores = [items[j] for j in keep], [scores[j] for j in keep]
-        return items, scores
+        ranked: tuple[list[int], list[float]] = finite_lists(
+            top.indices[0].tolist(), top.values[0].tolist()
+        )
+        return ranked
+
+    def top_k_known_lists(
+        self, users: Sequence[int], k: int, exclude_seen: Sequence[bool]
+    ) -> RankedLists | None:
+        """:meth:`top_k_lists` for known user rows without allow or deny lists (the server's usual
+        batch), or None when the catalogue spans several chunks (use :meth:`top_k_lists`).
+
+        The general path's tensor ops in its order, so the same answers bit for bit, but in a
+        handful of steps: on the server's compute thread every Python step holds the GIL the
+        event loop needs, and every small torch op hands the GIL over and must win it back.
+        """
+        keys = self._rank_item
+        n_keys = keys.shape[0]
+        if n_keys > self.chunk_size:
+            return None
+        user_rows = np.array(users, dtype=np.int64)
+        scores = torch.from_numpy(self._rank_user_np[user_rows]) @ keys.T
+        if self._rank_item_bias is not None:
+            scores += self._rank_item_bias
+        if self._rank_offset is not None:
+            scores += torch.from_numpy(self._rank_offset.numpy()[user_rows]).unsqueeze(1)
+        wanted = np.flatnonzero(np.array(exclude_seen, dtype=bool))
+        if wanted.size:
+            rows, cols = seen_pairs(
+                wanted, user_rows[wanted], self._seen_indptr_np, self._seen_indices_np
+            )
+            scores.numpy()[rows, cols] = -np.inf
+        top = torch.topk(scores, min(k, n_keys), dim=1)
+        return list(map(finite_lists, top.indices.tolist(), top.values.tolist()))
 
     def _top_one(self, user: int, k: int, request: RankRequest) -> torch.return_types.topk | None:
         """One known user without allow/deny lists over a one-chunk catalogue (a lone TopK): the
