@@ -373,21 +373,17 @@ def rank_cost(model: Recommender, payload: RankPayload) -> int:
     return model.n_items if candidates is None else len(candidates)
 
 
-def predict_batch(model: Recommender, payloads: list[PredictPayload]) -> list[list[float]]:
-    """One gather + row-wise dot for every pair of every call; each call gets its slice."""
+def predict_batch(model: Recommender, payloads: list[PredictPayload]) -> list[np.ndarray]:
+    """One gather + row-wise dot for every pair of every call; each call gets its slice, as a
+    float32 array (the response packs it as it is: no Python float per rating)."""
     if len(payloads) == 1:
         users, items = payloads[0]
-        return [model.predict(torch.from_numpy(users), torch.from_numpy(items)).tolist()]
+        return [model.predict(torch.from_numpy(users), torch.from_numpy(items)).numpy()]
     users = np.concatenate([p[0] for p in payloads])
     items = np.concatenate([p[1] for p in payloads])
-    ratings = model.predict(torch.from_numpy(users), torch.from_numpy(items)).tolist()
-    out: list[list[float]] = []
-    start = 0
-    for payload in payloads:
-        stop = start + len(payload[0])
-        out.append(ratings[start:stop])
-        start = stop
-    return out
+    ratings = model.predict(torch.from_numpy(users), torch.from_numpy(items)).numpy()
+    bounds = np.cumsum([len(p[0]) for p in payloads])[:-1]
+    return np.split(ratings, bounds)
 
 
 def _rank_batch(

