@@ -37,3 +37,15 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
                 qps = float(row.split("|")[4].replace(",", ""))
                 assert qps > 0, row
     assert all("| 1.00x |" in r for r in rows if r.startswith("| empty "))
+
+
+def test_the_table_carries_the_servers_batching_log() -> None:
+    from mfserve.server.bench.harness import Cell, render_markdown
+
+    cells = [Cell("mfserve", "topk", 64, calls=10, qps=5.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0)]
+    log = ["mfserve: batching top_k: 10 calls in 2 batches (mean 5.0, max 6), 0 computed inline"]
+    text = render_markdown(cells, {"cores": "2"}, "mfserve bench", "m", (0.1, 0.2), log)
+    assert "| mfserve | TopK | 64 |" in text
+    assert text.index("Server log at shutdown") > text.index("| mfserve | TopK")
+    assert log[0] in text
+    assert "Server log" not in render_markdown(cells, {}, "mfserve bench", "m", (0.1, 0.2))

@@ -145,7 +145,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def render_markdown(
-    cells: list[Cell], info: dict[str, str], command: str, model: str, load: tuple[float, float]
+    cells: list[Cell],
+    info: dict[str, str],
+    command: str,
+    model: str,
+    load: tuple[float, float],
+    server_logs: list[str] | None = None,
 ) -> str:
     lines = [
         "# mfserve serving benchmark",
@@ -174,6 +179,12 @@ def render_markdown(
             f"{_fmt(c.pairs_per_s, 0)} | {_fmt(c.p50_ms, 2)} | {_fmt(c.p95_ms, 2)} | "
             f"{_fmt(c.p99_ms, 2)} | {_fmt(c.server_cores, 2)} | {vs} | {errors} |"
         )
+    if server_logs:
+        # The server's own counters over the whole run (every cell): batch sizes, and where an
+        # executor batch's time went.
+        lines += ["", "Server log at shutdown (all cells together):", "", "```"]
+        lines += server_logs
+        lines.append("```")
     return "\n".join(lines) + "\n"
 
 
@@ -269,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "mfserve bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     cells: list[Cell] = []
+    server_logs: list[str] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mfserve-bench-") as tmp:
         version, model = prepare_model(args, Path(tmp))
@@ -299,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 clients.close()
                 server.stop()
+                server_logs += [f"{name}: {line}" for line in server.batching_log()]
     floor = {(c.rpc, c.concurrency): c.qps for c in cells if c.server == "empty" and c.qps > 0}
     for c in cells:
         if (c.rpc, c.concurrency) in floor and c.calls:
             c.vs_empty = c.qps / floor[(c.rpc, c.concurrency)]
     load = (load_before, os.getloadavg()[0])
-    text = render_markdown(cells, machine_info(), command, model, load)
+    text = render_markdown(cells, machine_info(), command, model, load, server_logs)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text, encoding="utf-8")

@@ -62,9 +62,12 @@ class RunningServer:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         ports: queue.Queue[int] = queue.Queue()
+        self._drains: list[threading.Thread] = []
         for stream in (self.proc.stdout, self.proc.stderr):
             assert stream is not None
-            threading.Thread(target=self._drain, args=(stream, ports), daemon=True).start()
+            drain = threading.Thread(target=self._drain, args=(stream, ports), daemon=True)
+            drain.start()
+            self._drains.append(drain)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -111,6 +114,12 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for drain in self._drains:  # the last lines (the shutdown log) are read before we return
+            drain.join(timeout=5)
+
+    def batching_log(self) -> list[str]:
+        """mfserve's shutdown lines about its batches (after :meth:`stop`); none for baselines."""
+        return [line[line.index("batching") :] for line in self.tail if "mfserve: batching" in line]
 
 
 class ClientPool:
