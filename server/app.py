@@ -84,10 +84,12 @@ class ServerConfig:
     # OpenMP threads spinning on a busy host steal the cores the event loops need.
     torch_threads: int = 1
     # torch intra-op threads for a lone call computed on the event loop, which happens only when no
-    # other call is in the server, so the other cores are idle: the scan of the item table splits
-    # across them (TopK p50 at concurrency 1 on 2 cores: ~1.35 -> ~1.07 ms). Capped at this
-    # process's share of the cores; 0 (or compute_threads 0) uses torch_threads.
-    lone_torch_threads: int = 2
+    # other call is in the server: with 2, its scan of the item table splits across the cores
+    # the server leaves idle. Measured on 2 cores (TopK, concurrency 1): p50 ~1.30 -> ~0.97 ms,
+    # but p99 ~1.9 -> ~4.1 ms, since now and then the OpenMP helper's core is busy (here with the
+    # load client) and the call waits for it; hence off (1) by default. Capped at this process's
+    # share of the cores; 0 (or compute_threads 0) uses torch_threads.
+    lone_torch_threads: int = 1
     # Approximate TopK for known users without an allow-list (SimilarItems and Predict stay
     # exact): "none"; "auto" (an index stored beside the version if there is one); "hnsw" or
     # "ivf" (that index is required: a version without it fails to load).

@@ -441,10 +441,11 @@ def test_lone_torch_threads_are_capped_by_the_process_share(
     from mfserve.server.app import ServerConfig, lone_torch_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
-    assert lone_torch_threads(ServerConfig()) == 2
+    assert lone_torch_threads(ServerConfig()) == 1  # off by default: see ServerConfig
+    assert lone_torch_threads(ServerConfig(lone_torch_threads=2)) == 2
     assert lone_torch_threads(ServerConfig(lone_torch_threads=8)) == 4
     assert lone_torch_threads(ServerConfig(lone_torch_threads=8, workers=2)) == 2
-    assert lone_torch_threads(ServerConfig(workers=4)) == 1
+    assert lone_torch_threads(ServerConfig(lone_torch_threads=2, workers=4)) == 1
     # Off, or every batch on the loop (under load too): the loop keeps torch_threads.
     assert lone_torch_threads(ServerConfig(lone_torch_threads=0)) == 0
     assert lone_torch_threads(ServerConfig(compute_threads=0)) == 0
