@@ -428,7 +428,9 @@ def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[Ranked
     allow-lists exactly itself)."""
     recommender, ann = model.recommender, model.ann
     if ann is None:
-        if len(payloads) == 1:  # a lone call: no batch bookkeeping (~30% of its compute)
+        # A lone call slices the user's seen items straight from the CSR arrays: ~120 us, against
+        # ~150-240 us as a batch of one through top_k_known_lists (measured in-process).
+        if len(payloads) == 1:
             row, k, rank = payloads[0]
             alone = recommender.top_one_lists(row, k, rank)
             if alone is not None:
