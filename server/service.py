@@ -201,6 +201,13 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             )
         return serving
 
+    def _ranking_options(self, request: pb.TopKRequest | pb.SimilarItemsRequest) -> int:
+        """The checks TopK and SimilarItems share: ``k`` (resolved) and non-empty list ids."""
+        k: int = resolve_k(request.k, self.max_k)
+        require_ids("exclude_item_ids", request.exclude_item_ids)
+        require_ids("candidate_item_ids", request.candidate_item_ids)
+        return k
+
     # ------------------------------------------------------------------ RPCs
     @_rpc
     async def Predict(self, request: pb.PredictRequest) -> pb.PredictResponse:  # noqa: N802 (gRPC name)
@@ -257,9 +264,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     @_rpc
     async def TopK(self, request: pb.TopKRequest) -> pb.TopKResponse:  # noqa: N802 (gRPC name)
         user = require_id("user_id", request.user_id)
-        k = resolve_k(request.k, self.max_k)
-        require_ids("exclude_item_ids", request.exclude_item_ids)
-        require_ids("candidate_item_ids", request.candidate_item_ids)
+        k = self._ranking_options(request)
         # Explicit presence: unset means true; only an explicit false keeps the seen items.
         exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
         serving = self._serving()
@@ -298,9 +303,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     @_rpc
     async def SimilarItems(self, request: pb.SimilarItemsRequest) -> pb.SimilarItemsResponse:  # noqa: N802 (gRPC name)
         item = require_id("item_id", request.item_id)
-        k = resolve_k(request.k, self.max_k)
-        require_ids("exclude_item_ids", request.exclude_item_ids)
-        require_ids("candidate_item_ids", request.candidate_item_ids)
+        k = self._ranking_options(request)
         model = self._model()
 
         row = model.item_row(item)
