@@ -31,12 +31,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from mfserve.server.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US
+from mfserve.server.batching import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    INLINE_PREDICT_PAIRS,
+)
 from mfserve.server.interceptors import AccessLogInterceptor
 from mfserve.server.model_holder import ANN_MODES, ModelHolder, ModelSource, describe
-from mfserve.server.service import SERVICE_NAME, RecommenderService
+from mfserve.server.service import SERVICE_NAME, RecommenderService, add_to_server
 from mfserve.training.recommender import Recommender
-from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("mfserve.server")
 
@@ -90,6 +93,12 @@ class ServerConfig:
     # load client) and the call waits for it; hence off (1) by default. Capped at this process's
     # share of the cores; 0 (or compute_threads 0) uses torch_threads.
     lone_torch_threads: int = 1
+    # Predict/BatchPredict calls of up to this many pairs are computed on the event loop even
+    # while other calls are in flight, instead of being batched on the compute thread (needs the
+    # compiled kernel, i.e. numba). Off (0) by default because it trades the batching the server
+    # promises for throughput: with the kernel a pair costs ~25 ns and batching saves nothing,
+    # but the hop to the compute thread costs ~0.2-0.3 ms; measured in docs/benchmarks.md.
+    predict_on_loop_pairs: int = 0
     # Approximate TopK for known users without an allow-list (SimilarItems and Predict stay
     # exact): "none"; "auto" (an index stored beside the version if there is one); "hnsw" or
     # "ivf" (that index is required: a version without it fails to load).
@@ -114,6 +123,7 @@ class ServerConfig:
             "workers": 0 <= self.workers <= 1024,
             "torch_threads": self.torch_threads >= 0,
             "lone_torch_threads": self.lone_torch_threads >= 0,
+            "predict_on_loop_pairs": 0 <= self.predict_on_loop_pairs <= INLINE_PREDICT_PAIRS,
             "ann": self.ann in ANN_MODES,
             "ann_ef_search": self.ann_ef_search >= 0,
             "ann_nprobe": self.ann_nprobe >= 0,
@@ -166,6 +176,7 @@ class RecommenderServer:
             executor=self._executor,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.max_queue_delay_us,
+            predict_on_loop_pairs=config.predict_on_loop_pairs,
         )
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -198,7 +209,7 @@ class RecommenderServer:
             options=config.channel_options(),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        pb_grpc.add_RecommenderServiceServicer_to_server(self.service, server)
+        add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -127,6 +127,7 @@ class Batcher(Generic[P, R]):
         in_flight: Callable[[], int] | None = None,
         cost: Callable[[Model, P], int] | None = None,
         inline_limit: int | None = None,
+        inline_under_load: Callable[[Model, P], bool] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue_delay_us >= 0")
@@ -143,6 +144,9 @@ class Batcher(Generic[P, R]):
         # A lone call costing at most inline_limit (None: never) is computed on the loop (module doc).
         self._cost = cost
         self.inline_limit = inline_limit  # an attribute, so tests can force the executor
+        # Opt-in (predict with the compiled kernel): a call it accepts is computed on the loop
+        # even while others are in flight, as long as it is cheap and nothing is computing.
+        self._inline_under_load = inline_under_load
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[Entry] = []
         self._running = False  # a batch is computing
@@ -173,8 +177,8 @@ class Batcher(Generic[P, R]):
         future: asyncio.Future[R] = loop.create_future()
         pending = self._pending
         self.stats.calls += 1
-        if not self._running and not pending and self._alone(loop) and self._cheap(model, payload):
-            # The only call in the server, and a cheap one: answered before submit returns.
+        if not self._running and not pending and self._inline(loop, model, payload):
+            # A cheap call nobody could join (or one the opt-in accepts): answered right here.
             batch = [(model, payload, future)]
             self._count(batch, inline=True)
             self._complete(batch, self._run(model, [payload]))
@@ -236,6 +240,14 @@ class Batcher(Generic[P, R]):
         # asyncio's queue of callbacks due this turn; another loop (uvloop) says "maybe not alone".
         ready = getattr(loop, "_ready", None)
         return ready is not None and not ready
+
+    def _inline(self, loop: asyncio.AbstractEventLoop, model: Model, payload: P) -> bool:
+        """Whether to compute this call on the loop now (the batcher is idle): it is cheap, and
+        either alone or accepted by the ``inline_under_load`` opt-in."""
+        if not self._cheap(model, payload):
+            return False
+        under_load = self._inline_under_load
+        return self._alone(loop) or (under_load is not None and under_load(model, payload))
 
     def _cheap(self, model: Model, payload: P) -> bool:
         """Whether a call is cheap enough to compute on the loop rather than hop to the executor."""
@@ -363,7 +375,7 @@ def predict_rows(payload: PredictPayload) -> int:
     return len(payload[0])
 
 
-def predict_cost(model: Recommender, payload: PredictPayload) -> int:
+def predict_cost(model: ServingModel, payload: PredictPayload) -> int:
     return len(payload[0])
 
 
@@ -373,15 +385,15 @@ def rank_cost(model: Recommender, payload: RankPayload) -> int:
     return model.n_items if candidates is None else len(candidates)
 
 
-def predict_batch(model: Recommender, payloads: list[PredictPayload]) -> list[np.ndarray]:
-    """One gather + row-wise dot for every pair of every call; each call gets its slice, as a
-    float32 array (the response packs it as it is: no Python float per rating)."""
+def predict_batch(model: ServingModel, payloads: list[PredictPayload]) -> list[np.ndarray]:
+    """Ratings for every pair of every call in one pass; each call gets its slice, as a float32
+    array (the response packs it as it is: no Python float per rating)."""
     if len(payloads) == 1:
         users, items = payloads[0]
-        return [model.predict(torch.from_numpy(users), torch.from_numpy(items)).numpy()]
+        return [model.predict(users, items)]
     users = np.concatenate([p[0] for p in payloads])
     items = np.concatenate([p[1] for p in payloads])
-    ratings = model.predict(torch.from_numpy(users), torch.from_numpy(items)).numpy()
+    ratings = model.predict(users, items)
     bounds = np.cumsum([len(p[0]) for p in payloads])[:-1]
     return np.split(ratings, bounds)
 

@@ -28,6 +28,7 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 DEFAULT_WORKERS = 1
 DEFAULT_TORCH_THREADS = 1
 DEFAULT_LONE_TORCH_THREADS = 1
+MAX_PREDICT_ON_LOOP_PAIRS = 16_384  # batching.INLINE_PREDICT_PAIRS (not imported: no torch here)
 DEFAULT_ANN = "none"
 ANN_MODES = ("none", "auto", "hnsw", "ivf")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -160,6 +161,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         f"--torch-threads (default: {DEFAULT_LONE_TORCH_THREADS})",
     )
     parser.add_argument(
+        "--predict-on-loop-pairs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compute Predict/BatchPredict calls of up to N pairs on the event loop even under "
+        "load instead of batching them on the compute thread (needs numba's compiled kernel): "
+        f"more throughput, no coalescing; at most {MAX_PREDICT_ON_LOOP_PAIRS} (default: 0, off)",
+    )
+    parser.add_argument(
         "--ann",
         default=DEFAULT_ANN,
         choices=ANN_MODES,
@@ -255,6 +265,7 @@ def run_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             torch_threads=args.torch_threads,
             lone_torch_threads=args.lone_torch_threads,
+            predict_on_loop_pairs=args.predict_on_loop_pairs,
             ann=args.ann,
             ann_ef_search=args.ann_ef_search,
             ann_nprobe=args.ann_nprobe,

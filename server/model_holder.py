@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 
+from mfserve.server.batch_decode import BatchDecoder, batch_decoder
+from mfserve.server.pair_kernel import PairKernel, pair_kernel
 from mfserve.training.ann import KINDS, AnnError, AnnIndex, load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import RankRequest, Recommender
@@ -67,6 +70,27 @@ class ServingModel:
 
     recommender: Recommender
     ann: ServingIndex | None = None
+    # Compiled fast paths (None without numba): BatchPredict's id lookup from the request's
+    # bytes, and the rating kernel behind Predict and BatchPredict.
+    batch_decoder: BatchDecoder | None = None
+    pair_kernel: PairKernel | None = None
+
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Ratings (float32) for row pairs (-1 = unknown): the compiled kernel, or torch."""
+        ratings: np.ndarray
+        if self.pair_kernel is not None:
+            ratings = self.pair_kernel.predict(users, items)
+        else:
+            tensor = self.recommender.predict(torch.from_numpy(users), torch.from_numpy(items))
+            ratings = tensor.numpy()
+        return ratings
+
+
+def serving_model(recommender: Recommender, ann: ServingIndex | None = None) -> ServingModel:
+    """``recommender`` ready to serve, with ``ann`` and its compiled fast paths, all built now so
+    that a hot reload publishes a model whose first call pays for nothing."""
+    decoder = batch_decoder(recommender.user_index, recommender.item_index)
+    return ServingModel(recommender, ann, decoder, pair_kernel(recommender))
 
 
 # What create_server and ModelHolder.set accept as "a model".
@@ -170,7 +194,7 @@ class ModelHolder:
             raise ValueError(f"unknown ann mode {ann!r}; expected one of {', '.join(ANN_MODES)}")
         self.ann = ann
         self.ann_search = dict(ann_search or {})
-        self._serving = None if model is None else ServingModel(model)
+        self._serving = None if model is None else serving_model(model)
         # Serialises loads: two concurrent reloads cannot publish out of order. Readers never lock.
         self._load_lock = threading.Lock()
         self._listeners: list[Listener] = []
@@ -199,7 +223,7 @@ class ModelHolder:
             return model
         recommender = to_recommender(model)
         assert recommender is not None
-        return ServingModel(recommender, serving_index(recommender, self.ann, self.ann_search))
+        return serving_model(recommender, serving_index(recommender, self.ann, self.ann_search))
 
     def set(self, model: ModelSource) -> Recommender | None:
         """Swap in ``model`` (anything :func:`to_recommender` accepts); returns the previous one."""

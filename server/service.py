@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError, Message
 
 from mfserve.server.batching import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -48,7 +49,14 @@ from mfserve.server.batching import (
     top_k_batch,
     top_k_cost,
 )
-from mfserve.server.errors import ServiceError, abort, internal, not_found, unavailable
+from mfserve.server.errors import (
+    ServiceError,
+    abort,
+    internal,
+    invalid_fields,
+    not_found,
+    unavailable,
+)
 from mfserve.server.model_holder import ModelHolder, ServingModel
 from mfserve.server.validation import (
     COLD_START_HINT,
@@ -126,6 +134,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         executor: Executor | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+        predict_on_loop_pairs: int = 0,
     ) -> None:
         self.holder = holder
         self.max_batch_pairs = max_batch_pairs
@@ -145,6 +154,11 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             rows=predict_rows,
             cost=predict_cost,
             inline_limit=INLINE_PREDICT_PAIRS,
+            inline_under_load=(
+                functools.partial(_predict_on_loop, predict_on_loop_pairs)
+                if predict_on_loop_pairs
+                else None
+            ),
             **options,
         )
         rank_options = {**options, "inline_limit": INLINE_RANK_SCORES}
@@ -167,7 +181,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     # ------------------------------------------------------------------ compute seam
     # Each returns an awaitable (the batcher's future): this call's share of a batch.
     def _predict_rows(
-        self, model: Recommender, users: np.ndarray, items: np.ndarray
+        self, model: ServingModel, users: np.ndarray, items: np.ndarray
     ) -> Awaitable[np.ndarray]:
         """Ratings for row pairs (-1 = unknown: the cold-start estimate), as float32."""
         future: Awaitable[np.ndarray] = self.predict_batcher.submit(model, (users, items))
@@ -213,7 +227,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     async def Predict(self, request: pb.PredictRequest) -> pb.PredictResponse:  # noqa: N802 (gRPC name)
         user = require_id("user_id", request.user_id)
         item = require_id("item_id", request.item_id)
-        model = self._model()
+        serving = self._serving()
+        model = serving.recommender
         users, items = model.user_rows([user]), model.item_rows([item])
         missing_users = [user] if users[0] < 0 else []
         missing_items = [item] if items[0] < 0 else []
@@ -221,7 +236,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             raise not_found(
                 {"user_id": missing_users, "item_id": missing_items}, hint=COLD_START_HINT
             )
-        ratings = await self._predict_rows(model, users, items)
+        ratings = await self._predict_rows(serving, users, items)
         return pb.PredictResponse(
             rating=float(ratings[0]),
             model_version=model.artifact.version,
@@ -231,12 +246,54 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
 
     @_rpc
     async def BatchPredict(self, request: pb.BatchPredictRequest) -> pb.BatchPredictResponse:  # noqa: N802 (gRPC name)
+        return await self._batch_predict(self._serving(), request)
+
+    @_rpc
+    async def batch_predict_bytes(self, raw: bytes) -> bytes | pb.BatchPredictResponse:
+        """BatchPredict from the request's serialized bytes (how the server registers it).
+
+        A request whose ids are all known is decoded in compiled code (``batch_decode``) and
+        answered with the response's bytes; any other request is parsed by protobuf and answered
+        by :meth:`BatchPredict`'s path, so every error is that path's error.
+        """
+        serving = self._serving()
+        model = serving.recommender
+        decoded = (
+            None
+            if serving.batch_decoder is None
+            else serving.batch_decoder.decode(raw, self.max_batch_pairs + 1)
+        )
+        if decoded is None:
+            try:
+                request = pb.BatchPredictRequest.FromString(raw)
+            except DecodeError as exc:
+                raise invalid_fields(
+                    f"the request is not a valid {pb.BatchPredictRequest.DESCRIPTOR.full_name}: "
+                    f"{exc}",
+                    "request",
+                ) from exc
+            return await self._batch_predict(serving, request)
+        users, items = decoded
+        check_sizes(len(users), len(items), self.max_batch_pairs)
+        ratings = await self._predict_rows(serving, users, items)
+        return packed_floats(_RATINGS_FIELD, ratings) + self._version_field(model)
+
+    def _version_field(self, model: Recommender) -> bytes:
+        """``model_version`` as serialized bytes (the tail of every decoded BatchPredict answer)."""
+        field: bytes = pb.BatchPredictResponse(
+            model_version=model.artifact.version
+        ).SerializeToString()
+        return field
+
+    async def _batch_predict(
+        self, serving: ServingModel, request: pb.BatchPredictRequest
+    ) -> pb.BatchPredictResponse:
+        model = serving.recommender
         # One C-level copy each first: list() makes the strings faster than iterating the
         # protobuf container does. Empty and unknown ids both look up as -1 (no id map holds ""),
         # so only a batch with a -1 pays for the validation scans and the error path.
         check_sizes(len(request.user_ids), len(request.item_ids), self.max_batch_pairs)
         user_ids, item_ids = list(request.user_ids), list(request.item_ids)
-        model = self._model()
         users, items = model.user_rows(user_ids), model.item_rows(item_ids)
         missing_users: list[str] = []
         missing_items: list[str] = []
@@ -249,8 +306,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
                 raise not_found(
                     {"user_ids": missing_users, "item_ids": missing_items}, hint=COLD_START_HINT
                 )
-        # One gather + row-wise dot for the whole batch (and for concurrent calls' pairs too).
-        ratings = await self._predict_rows(model, users, items)
+        # One pass for the whole batch (and for concurrent calls' pairs too).
+        ratings = await self._predict_rows(serving, users, items)
         response = pb.BatchPredictResponse(
             model_version=model.artifact.version,
             missing_user_ids=missing_users,
@@ -386,3 +443,43 @@ def model_info(model: Recommender) -> pb.GetModelInfoResponse:
         # Strings as they are; anything else as JSON so `true`, `0.01` and lists read unambiguously.
         response.hyperparameters[name] = value if isinstance(value, str) else json.dumps(value)
     return response
+
+
+def _predict_on_loop(limit: int, model: ServingModel, payload: PredictPayload) -> bool:
+    """``ServerConfig.predict_on_loop_pairs``: compute this predict call on the event loop even
+    under load. Only through the compiled kernel: one GIL-free pass at ~25 ns a pair, where the
+    hop to the compute thread and back costs ~0.2-0.3 ms of waiting for the GIL."""
+    return model.pair_kernel is not None and len(payload[0]) <= limit
+
+
+def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
+    """Register ``service`` as the generated ``add_RecommenderServiceServicer_to_server`` does,
+    but with BatchPredict taking the request's bytes (:meth:`RecommenderService.batch_predict_bytes`).
+
+    Built from the service descriptor, so an RPC added to the proto is registered here too.
+    """
+    descriptor = pb.DESCRIPTOR.services_by_name["RecommenderService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in descriptor.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        if method.name == "BatchPredict":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                service.batch_predict_bytes,
+                request_deserializer=None,  # the bytes as received
+                response_serializer=_serialized,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(service, method.name),
+                request_deserializer=request_class.FromString,
+                response_serializer=response_class.SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # As generated code does since grpcio 1.63 (grpc-stubs predates the method).
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
+def _serialized(response: bytes | Message) -> bytes:
+    """A response that may already be bytes (a decoded BatchPredict's answer) as bytes."""
+    return response if isinstance(response, bytes) else response.SerializeToString()

@@ -9,7 +9,7 @@ mapped to rows with one dict lookup each; -1 marks an id the model does not know
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 
 import numpy as np
@@ -107,6 +107,16 @@ class Recommender:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def user_index(self) -> Mapping[str, int]:
+        """Row of each user id (read-only by contract: the lookups below share it)."""
+        return self._user_rows
+
+    @property
+    def item_index(self) -> Mapping[str, int]:
+        """Row of each item id (read-only by contract)."""
+        return self._item_rows
 
     def user_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each user id, -1 where unknown."""

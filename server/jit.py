@@ -1,0 +1,40 @@
+"""numba, where it is installed: the decorator the server's compiled fast paths share.
+
+The ``server`` extra installs numba. Without it (a platform numba has no wheel for yet) the fast
+paths report themselves unavailable and the server answers through protobuf and torch: slower,
+never different.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - the server extra installs numba
+    numba = None  # type: ignore[assignment]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+HAVE_NUMBA = numba is not None
+
+
+@overload
+def compiled(function: F) -> F: ...
+@overload
+def compiled(function: None = None, **options: Any) -> Callable[[F], F]: ...
+def compiled(function: F | None = None, **options: Any) -> Any:
+    """``numba.njit`` with the server's settings, as ``@compiled`` or ``@compiled(inline=...)``.
+
+    ``cache=True``: the machine code is kept beside the module (or in numba's user cache), so only
+    the first process on a machine pays the ~1 s compile. ``nogil=True``: the event loop's GIL is
+    free while the code runs. Without numba the plain Python function is returned (correct, slow,
+    and unused: the fast paths check :data:`HAVE_NUMBA`).
+    """
+    if function is None:
+        return functools.partial(compiled, **options)
+    if numba is None:
+        return function
+    return numba.njit(cache=True, nogil=True, **options)(function)

@@ -1,0 +1,120 @@
+"""BatchPredict's compiled path through a real server: the same answers as the protobuf path,
+a clear error for bytes that are not a request, and the opt-in that computes predict calls on
+the event loop under load."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from server_harness import running_server_handle
+
+from mfserve.server.app import ServerConfig
+from mfserve.server.batching import INLINE_PREDICT_PAIRS, Batcher
+from mfserve.server.cli import MAX_PREDICT_ON_LOOP_PAIRS
+from mfserve.server.jit import HAVE_NUMBA
+from mfserve.v1 import recommender_pb2 as pb
+from mfserve.v1 import recommender_pb2_grpc as pb_grpc
+
+METHOD = "/mfserve.v1.RecommenderService/BatchPredict"
+USERS = [f"u{n % 60}" for n in range(200)]
+ITEMS = [f"i{(13 * n) % 400}" for n in range(200)]
+
+
+def test_decoded_and_parsed_requests_get_the_same_ratings(model_dir: Path) -> None:
+    with (
+        running_server_handle(model_dir) as handle,
+        grpc.insecure_channel(handle.address) as channel,
+    ):
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        assert (handle.server.holder.serving.batch_decoder is not None) == HAVE_NUMBA
+        known = stub.BatchPredict(pb.BatchPredictRequest(user_ids=USERS, item_ids=ITEMS))
+        # One unknown id (cold start allowed) sends the same pairs down the protobuf path.
+        mixed = stub.BatchPredict(
+            pb.BatchPredictRequest(
+                user_ids=[*USERS, "stranger"], item_ids=[*ITEMS, "i1"], allow_cold_start=True
+            )
+        )
+    assert list(mixed.missing_user_ids) == ["stranger"]
+    assert list(known.ratings) == list(mixed.ratings)[:-1]
+    assert known.model_version == mixed.model_version == 1
+    assert not known.missing_user_ids and not known.missing_item_ids
+
+
+@pytest.mark.parametrize("garbage", [b"\x0a\x09short", b"\xff\xff\xff"])
+def test_bytes_that_are_not_a_request_are_invalid_argument(model_dir: Path, garbage: bytes) -> None:
+    with (
+        running_server_handle(model_dir) as handle,
+        grpc.insecure_channel(handle.address) as channel,
+    ):
+        call = channel.unary_unary(METHOD)  # no serializers: the bytes go as they are
+        with pytest.raises(grpc.RpcError) as caught:
+            call(garbage, timeout=30)
+        # The server is still there for the next call.
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        assert stub.BatchPredict(pb.BatchPredictRequest(user_ids=["u1"], item_ids=["i1"])).ratings
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "not a valid mfserve.v1.BatchPredictRequest" in (error.details() or "")
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="the opt-in needs the compiled kernel")
+def test_predict_on_loop_computes_concurrent_calls_on_the_loop(model_dir: Path) -> None:
+    requests = [
+        pb.BatchPredictRequest(user_ids=USERS[n:], item_ids=ITEMS[n:]) for n in range(0, 160, 10)
+    ]
+
+    def answers(**config: Any) -> tuple[list[list[float]], Any]:
+        with (
+            running_server_handle(model_dir, **config) as handle,
+            grpc.insecure_channel(handle.address) as channel,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            got = list(pool.map(lambda r: list(stub.BatchPredict(r, timeout=30).ratings), requests))
+            return got, handle.server.service.predict_batcher.stats
+
+    batched, _ = answers()
+    on_loop, stats = answers(predict_on_loop_pairs=1_000)
+    assert on_loop == batched
+    # Every call computed on the loop (inline), none handed to the compute thread.
+    assert stats.inline == stats.batches == stats.calls == len(requests)
+
+
+def test_predict_on_loop_is_bounded_by_the_inline_limit() -> None:
+    assert MAX_PREDICT_ON_LOOP_PAIRS == INLINE_PREDICT_PAIRS
+    assert ServerConfig(predict_on_loop_pairs=INLINE_PREDICT_PAIRS).predict_on_loop_pairs
+    for bad in (-1, INLINE_PREDICT_PAIRS + 1):
+        with pytest.raises(ValueError, match="predict_on_loop_pairs"):
+            ServerConfig(predict_on_loop_pairs=bad)
+
+
+def test_the_opt_in_is_what_lets_a_call_skip_the_queue_under_load() -> None:
+    # Deterministic: five calls "in flight", so no call is ever alone; only the opt-in may
+    # compute one on the loop, and only when its predicate accepts it.
+    def compute(model: Any, payloads: list[int]) -> list[int]:
+        return [p * 2 for p in payloads]
+
+    async def first_call_done(**options: Any) -> bool:
+        with ThreadPoolExecutor(1) as executor:
+            batcher: Batcher[int, int] = Batcher(
+                "predict",
+                compute,
+                executor=executor,
+                in_flight=lambda: 5,
+                cost=lambda model, payload: payload,
+                inline_limit=100,
+                **options,
+            )
+            future = batcher.submit(object(), 21)
+            done = future.done()
+            assert await future == 42
+            return done
+
+    assert not asyncio.run(first_call_done())
+    assert asyncio.run(first_call_done(inline_under_load=lambda model, payload: True))
+    assert not asyncio.run(first_call_done(inline_under_load=lambda model, payload: False))
