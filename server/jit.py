@@ -8,6 +8,7 @@ never different.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -17,6 +18,8 @@ except ImportError:  # pragma: no cover - the server extra installs numba
     numba = None  # type: ignore[assignment]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("mfserve.server")
 
 HAVE_NUMBA = numba is not None
 
@@ -37,4 +40,10 @@ def compiled(function: F | None = None, **options: Any) -> Any:
         return functools.partial(compiled, **options)
     if numba is None:
         return function
-    return numba.njit(cache=True, nogil=True, **options)(function)
+    try:
+        return numba.njit(cache=True, nogil=True, **options)(function)
+    except RuntimeError as exc:
+        # No writable place for the cache (a read-only install and no writable home, say):
+        # compile at every start instead of failing to import.
+        log.warning("mfserve: numba cannot cache %s (%s); compiling it at start", function, exc)
+        return numba.njit(cache=False, nogil=True, **options)(function)

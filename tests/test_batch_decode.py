@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
-from mfserve.server.jit import HAVE_NUMBA
+from mfserve.server.jit import HAVE_NUMBA, compiled
 from mfserve.server.pair_kernel import pair_kernel
 from mfserve.server.wire import varint
 from mfserve.training.recommender import Recommender
@@ -165,3 +165,27 @@ def test_kernel_answers_do_not_depend_on_the_batch(model: Recommender) -> None:
         [kernel.predict(users[i : i + 1], items[i : i + 1]) for i in range(300)]
     )
     assert np.array_equal(together, one_by_one)  # exactly: each pair is computed alone
+
+
+class NoCacheLocator:
+    """A numba cache locator that finds no place to write, as on a read-only install."""
+
+    @classmethod
+    def from_function(cls, function: Any, source: str) -> None:
+        return None
+
+
+def test_without_a_cache_location_kernels_still_compile(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import numba.core.config
+
+    monkeypatch.setattr(
+        numba.core.config, "CACHE_LOCATOR_CLASSES", f"{__name__}.NoCacheLocator", raising=False
+    )
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert compiled(double)(21) == 42
+    assert "numba cannot cache" in caplog.text  # the fallback, not the cached build, ran
