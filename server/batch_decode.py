@@ -167,13 +167,20 @@ class IdTable:
 
     @classmethod
     def build(cls, rows_by_id: Mapping[str, int]) -> IdTable:
-        encoded = [key.encode("utf-8") for key in rows_by_id]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(key) for key in encoded], out=offsets[1:])
-        keys = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        rows = np.fromiter(rows_by_id.values(), dtype=np.int64, count=len(rows_by_id))
+        count = len(rows_by_id)
+        blob = "".join(rows_by_id).encode("utf-8")
+        if len(blob) == sum(map(len, rows_by_id)):  # ASCII ids: a character is a byte
+            lengths = np.fromiter(map(len, rows_by_id), dtype=np.int64, count=count)
+        else:  # no bytes object per id in the usual case: a million of them is ~50 MB of heap
+            lengths = np.fromiter(
+                (len(key.encode("utf-8")) for key in rows_by_id), dtype=np.int64, count=count
+            )
+        offsets = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        keys = np.frombuffer(blob, dtype=np.uint8)
+        rows = np.fromiter(rows_by_id.values(), dtype=np.int64, count=count)
         # At most half full, so a probe sequence stays short.
-        slots = np.full(1 << max(4, (2 * len(encoded)).bit_length()), -1, dtype=np.int64)
+        slots = np.full(1 << max(4, (2 * count).bit_length()), -1, dtype=np.int64)
         _fill_table(keys, offsets, slots)
         return cls(keys, offsets, rows, slots)
 
