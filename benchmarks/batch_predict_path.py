@@ -1,0 +1,96 @@
+"""Where a 1,000-pair BatchPredict spends its server time, in-process, step by step.
+
+Each step the server takes for one call, timed on its own over the same prebuilt request (median
+of ``--repeat`` runs, one thread): the protobuf path (parse, ids to lists, one dict lookup per id,
+torch's predict) against the compiled path (``batch_decode`` straight from the bytes, then
+``pair_kernel``). Hot caches, so a loaded server's figures are higher (its caches are shared with
+the load clients); compare the two paths, not these numbers with the end-to-end ones.
+
+    python -m benchmarks.batch_predict_path --model models/movielens [--pairs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mfserve.server.batch_decode import batch_decoder
+from mfserve.server.pair_kernel import pair_kernel
+from mfserve.training.artifact import load_artifact, resolve_version
+from mfserve.training.recommender import Recommender
+from mfserve.v1 import recommender_pb2 as pb
+
+
+def median_us(step: Callable[[], Any], repeat: int) -> float:
+    for _ in range(min(100, repeat)):  # warm-up
+        step()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/movielens"))
+    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=2000)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    model = Recommender(load_artifact(resolve_version(args.model)))
+    decoder = batch_decoder(model.user_index, model.item_index)
+    kernel = pair_kernel(model)
+    if decoder is None or kernel is None:
+        raise SystemExit("numba is not installed: only the protobuf path exists")
+    rng = random.Random(0)
+    request = pb.BatchPredictRequest(
+        user_ids=[rng.choice(model.user_ids) for _ in range(args.pairs)],
+        item_ids=[rng.choice(model.item_ids) for _ in range(args.pairs)],
+    )
+    raw = request.SerializeToString()
+    parsed = pb.BatchPredictRequest.FromString(raw)
+    user_ids, item_ids = list(parsed.user_ids), list(parsed.item_ids)
+    users, items = model.user_rows(user_ids), model.item_rows(item_ids)
+    decoded = decoder.decode(raw, args.pairs)
+    assert decoded is not None
+    assert (decoded[0] == users).all() and (decoded[1] == items).all()
+    users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
+
+    steps = {
+        "protobuf: parse the request": lambda: pb.BatchPredictRequest.FromString(raw),
+        "protobuf: ids to Python lists": lambda: (list(parsed.user_ids), list(parsed.item_ids)),
+        "protobuf: one dict lookup per id": lambda: (
+            model.user_rows(user_ids),
+            model.item_rows(item_ids),
+        ),
+        "torch: Recommender.predict": lambda: model.predict(users_t, items_t),
+        "compiled: batch_decode from the bytes": lambda: decoder.decode(raw, args.pairs),
+        "compiled: pair_kernel": lambda: kernel.predict(users, items),
+    }
+    print(f"model {args.model}; {args.pairs} pairs; median of {args.repeat}; hot caches\n")
+    print("| step | us per call |")
+    print("|---|---:|")
+    totals = {"protobuf": 0.0, "torch": 0.0, "compiled": 0.0}
+    for name, step in steps.items():
+        us = median_us(step, args.repeat)
+        totals[name.split(":")[0]] += us
+        print(f"| {name} | {us:,.1f} |")
+    before = totals["protobuf"] + totals["torch"]
+    after = totals["compiled"]
+    print(f"| **protobuf + torch, ids to ratings** | **{before:,.1f}** |")
+    print(f"| **compiled, ids to ratings** | **{after:,.1f}** ({before / after:.1f}x less) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
