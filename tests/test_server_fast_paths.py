@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from server_harness import running_server_handle
+from server_harness import make_model_dir, running_server_handle
 
 from mfserve.server.app import ServerConfig
 from mfserve.server.batching import INLINE_PREDICT_PAIRS, Batcher
@@ -118,3 +118,22 @@ def test_the_opt_in_is_what_lets_a_call_skip_the_queue_under_load() -> None:
     assert not asyncio.run(first_call_done())
     assert asyncio.run(first_call_done(inline_under_load=lambda model, payload: True))
     assert not asyncio.run(first_call_done(inline_under_load=lambda model, payload: False))
+
+
+def test_a_reload_swaps_the_decoder_with_the_model(tmp_path: Path) -> None:
+    big = make_model_dir(tmp_path / "a", n_items=400)
+    small = make_model_dir(tmp_path / "b", n_items=300)
+    request = pb.BatchPredictRequest(user_ids=["u1", "u2"], item_ids=["i1", "i350"])
+    with (
+        running_server_handle(big) as handle,
+        grpc.insecure_channel(handle.address) as channel,
+    ):
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        assert len(stub.BatchPredict(request).ratings) == 2
+        handle.call(handle.server.load(small))
+        # The new model's ids, through the new model's decoder: i350 is gone.
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.BatchPredict(request)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert '"i350"' in (caught.value.details() or "")
+        assert handle.server.holder.serving.recommender.n_items == 300
