@@ -40,7 +40,7 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
 
 
 def test_the_table_carries_the_servers_batching_log() -> None:
-    from mfserve.server.bench.harness import Cell, render_markdown
+    from mfserve.server.bench.cells import Cell, render_markdown
 
     cells = [Cell("mfserve", "topk", 64, calls=10, qps=5.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0)]
     log = ["mfserve: batching top_k: 10 calls in 2 batches (mean 5.0, max 6), 0 computed inline"]
@@ -49,3 +49,38 @@ def test_the_table_carries_the_servers_batching_log() -> None:
     assert text.index("Server log at shutdown") > text.index("| mfserve | TopK")
     assert log[0] in text
     assert "Server log" not in render_markdown(cells, {}, "mfserve bench", "m", (0.1, 0.2))
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_rounds_report_medians_and_the_ratio_range(tmp_path: Path) -> None:
+    markdown = tmp_path / "bench.md"
+    short = ["--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3", "--rounds", "2"]
+    model = ["--users", "50", "--items", "2000", "--factors", "16"]
+    servers = ["--servers", "empty,naive", "--rpcs", "topk", "--concurrency", "1"]
+    assert main(["bench", *short, *model, *servers, "--markdown", str(markdown)]) == 0
+    text = markdown.read_text()
+    assert "median over 2 rounds" in text
+    naive = next(line for line in text.splitlines() if line.startswith("| naive | TopK | 1 |"))
+    ratio = naive.split("|")[10].strip()  # "0.83x (0.80-0.86)"
+    low, high = (float(x) for x in ratio.split("(")[1].rstrip(")").split("-"))
+    assert low <= float(ratio.split("x")[0]) <= high
+
+
+def test_combine_takes_medians_and_per_round_ratios() -> None:
+    from mfserve.server.bench.cells import Cell, combine, set_ratios
+
+    rounds = []
+    for empty_qps, ours_qps, p50 in ((100.0, 50.0, 1.0), (200.0, 160.0, 3.0), (300.0, 90.0, 2.0)):
+        cells = [
+            Cell("empty", "topk", 8, calls=10, qps=empty_qps, p50_ms=0.5),
+            Cell("mfserve", "topk", 8, calls=10, qps=ours_qps, p50_ms=p50, errors={"X": 1}),
+        ]
+        set_ratios(cells)
+        rounds.append(cells)
+    empty, ours = combine(rounds)
+    assert (empty.qps, ours.qps, ours.p50_ms) == (200.0, 90.0, 2.0)
+    # Per-round ratios 0.5, 0.8, 0.3: their median 0.5, not the medians' ratio 90 / 200.
+    assert ours.vs_empty == pytest.approx(0.5)
+    assert ours.vs_empty_range == pytest.approx((0.3, 0.8))
+    assert ours.errors == {"X": 3} and ours.calls == 30 and ours.rounds == 3

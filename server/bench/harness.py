@@ -11,6 +11,12 @@ Load comes from separate client processes (``mfserve.server.bench.loadgen``), ea
 in-flight calls on one grpc.aio channel, all starting at the same instant. A cell is one (server,
 rpc, concurrency): warmup, then a fixed window in which every call's latency is recorded.
 
+All servers are started first and their cells interleaved: for each (rpc, concurrency), every
+server in turn, so the cells a ratio compares run minutes apart at most, not a whole server's run
+apart (a shared host's speed drifts on that scale). ``--rounds N`` repeats the whole sweep and
+reports, per cell, the median of each figure over the rounds, and the median (and range) of the
+per-round ratio to the empty handler.
+
 Servers:
   empty    canned responses of the right shape: the cost of the gRPC stack alone (the floor)
   empty-hop  the same, but each call goes to a thread and back first: the cost of a thread hop
@@ -25,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -33,40 +38,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mfserve.server.bench.cells import (
+    RPC_LABELS,
+    Cell,
+    combine,
+    percentile,
+    render_markdown,
+    set_ratios,
+)
 from mfserve.server.bench.processes import ClientPool, RunningServer, server_specs
-
-RPC_LABELS = {"predict": "Predict", "batch": "BatchPredict", "topk": "TopK"}
-
-
-@dataclass
-class Cell:
-    server: str
-    rpc: str
-    concurrency: int
-    calls: int = 0
-    seconds: float = 0.0
-    qps: float = 0.0
-    pairs_per_s: float | None = None
-    p50_ms: float = math.nan
-    p95_ms: float = math.nan
-    p99_ms: float = math.nan
-    server_cores: float = 0.0
-    errors: dict[str, int] = field(default_factory=dict)
-    vs_empty: float | None = None
-    note: str = ""
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (NaN when empty)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def run_cell(
@@ -138,56 +123,6 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def render_markdown(
-    cells: list[Cell],
-    info: dict[str, str],
-    command: str,
-    model: str,
-    load: tuple[float, float],
-    server_logs: list[str] | None = None,
-) -> str:
-    lines = [
-        "# mfserve serving benchmark",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Model: {model}",
-        "",
-        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
-        "",
-        # Other work on the machine skews every figure: a 1-minute load average well above zero
-        # before the run means the cells competed with something else.
-        f"1-minute load average: {load[0]:.2f} before the run, {load[1]:.2f} after.",
-        "",
-        "| server | rpc | concurrency | QPS | pairs/s | p50 ms | p95 ms | p99 ms | server cores "
-        "| QPS vs empty | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in cells:
-        errors = ", ".join(f"{k} {v}" for k, v in c.errors.items()) or "0"
-        if c.note:
-            errors += f" ({c.note})"
-        vs = "-" if c.vs_empty is None else f"{c.vs_empty:.2f}x"
-        lines.append(
-            f"| {c.server} | {RPC_LABELS[c.rpc]} | {c.concurrency} | {_fmt(c.qps)} | "
-            f"{_fmt(c.pairs_per_s, 0)} | {_fmt(c.p50_ms, 2)} | {_fmt(c.p95_ms, 2)} | "
-            f"{_fmt(c.p99_ms, 2)} | {_fmt(c.server_cores, 2)} | {vs} | {errors} |"
-        )
-    if server_logs:
-        # The server's own counters over the whole run (every cell): batch sizes, and where an
-        # executor batch's time went.
-        lines += ["", "Server log at shutdown (all cells together):", "", "```"]
-        lines += server_logs
-        lines.append("```")
-    return "\n".join(lines) + "\n"
-
-
 def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     if args.model:
         from mfserve.training.artifact import resolve_version
@@ -257,6 +192,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--server-timeout", type=float, default=120.0, help="seconds to wait for a server to bind"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the sweep; report medians over the rounds"
+    )
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the raw results (no latency lists) to this file")
     args = parser.parse_args(argv)
@@ -271,51 +209,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.server_list) - {"empty", "empty-hop", "naive", "mfserve"} | set(
         args.rpc_list
     ) - set(RPC_LABELS)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if unknown or not args.concurrency_list or min(args.concurrency_list) < 1:
         parser.error(f"bad --servers/--rpcs/--concurrency: {sorted(unknown) or args.concurrency}")
     return args
 
 
+def start_servers(
+    args: argparse.Namespace, version: Path
+) -> dict[str, tuple[RunningServer, ClientPool] | None]:
+    """Every server and its load clients, started before any cell (None: failed to start)."""
+    specs = server_specs(version, args.mfserve_arg)
+    running: dict[str, tuple[RunningServer, ClientPool] | None] = {}
+    for name in args.server_list:
+        try:
+            server = RunningServer(specs[name], args.server_timeout)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            running[name] = None
+            continue
+        pool = ClientPool(server, version, procs=args.client_procs, batch=args.batch, k=args.k)
+        running[name] = (server, pool)
+    return running
+
+
+def sweep(
+    args: argparse.Namespace, running: dict[str, tuple[RunningServer, ClientPool] | None]
+) -> list[Cell]:
+    """One round: for each (rpc, concurrency), every server in turn."""
+    cells: list[Cell] = []
+    for rpc in args.rpc_list:
+        for concurrency in args.concurrency_list:
+            for name in args.server_list:
+                pair = running[name]
+                if pair is None:
+                    cells.append(Cell(name, rpc, concurrency, note="server failed to start"))
+                    continue
+                cell = run_cell(pair[0], pair[1], rpc, concurrency, args)
+                cells.append(cell)
+                progress = f"{name:9s} {RPC_LABELS[rpc]:12s} c={concurrency:<3d}"
+                timing = f"p50 {cell.p50_ms:.2f} ms p99 {cell.p99_ms:.2f} ms"
+                print(f"{progress} {cell.qps:10.1f}/s {timing}", file=sys.stderr)
+    set_ratios(cells)
+    # The table lists each server's cells together, as before interleaving.
+    order = {name: n for n, name in enumerate(args.server_list)}
+    return sorted(cells, key=lambda c: order[c.server])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "mfserve bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    cells: list[Cell] = []
     server_logs: list[str] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mfserve-bench-") as tmp:
         version, model = prepare_model(args, Path(tmp))
-        specs = server_specs(version, args.mfserve_arg)
-        for name in args.server_list:
-            try:
-                server = RunningServer(specs[name], args.server_timeout)
-            except RuntimeError as exc:
-                print(exc, file=sys.stderr)
-                cells += [
-                    Cell(name, r, c, note="server failed to start")
-                    for r in args.rpc_list
-                    for c in args.concurrency_list
-                ]
-                continue
-            clients = ClientPool(
-                server, version, procs=args.client_procs, batch=args.batch, k=args.k
-            )
-            try:
-                for rpc in args.rpc_list:
-                    for concurrency in args.concurrency_list:
-                        cell = run_cell(server, clients, rpc, concurrency, args)
-                        cells.append(cell)
-                        progress = f"{name:8s} {RPC_LABELS[rpc]:12s} c={concurrency:<3d}"
-                        timing = f"p50 {cell.p50_ms:.2f} ms p99 {cell.p99_ms:.2f} ms"
-                        print(f"{progress} {cell.qps:10.1f}/s {timing}", file=sys.stderr)
+        running = start_servers(args, version)
+        try:
+            rounds = []
+            for number in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"round {number + 1} of {args.rounds}", file=sys.stderr)
+                rounds.append(sweep(args, running))
+        finally:
+            for name, pair in running.items():
+                if pair is None:
+                    continue
+                server, clients = pair
                 print(f"{name}: server RSS {server.rss_mb():.0f} MB", file=sys.stderr)
-            finally:
                 clients.close()
                 server.stop()
                 server_logs += [f"{name}: {line}" for line in server.batching_log()]
-    floor = {(c.rpc, c.concurrency): c.qps for c in cells if c.server == "empty" and c.qps > 0}
-    for c in cells:
-        if (c.rpc, c.concurrency) in floor and c.calls:
-            c.vs_empty = c.qps / floor[(c.rpc, c.concurrency)]
+    cells = combine(rounds)
     load = (load_before, os.getloadavg()[0])
     text = render_markdown(cells, machine_info(), command, model, load, server_logs)
     print(text)
