@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from mfserve.server.model_holder import ServingModel
+from mfserve.server.rank_kernel import RankKernel
 from mfserve.training.recommender import RankRequest, Recommender
 
 log = logging.getLogger("mfserve.server")
@@ -438,25 +439,48 @@ def top_k_cost(model: ServingModel, payload: RankPayload) -> int:
 def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[RankedRow]:
     """Exact top-k, or with an index ``AnnIndex.top_k`` (which answers unknown users and
     allow-lists exactly itself)."""
-    recommender, ann = model.recommender, model.ann
-    if ann is None:
-        # A lone call slices the user's seen items straight from the CSR arrays: ~120 us, against
-        # ~150-240 us as a batch of one through top_k_known_lists (measured in-process).
-        if len(payloads) == 1:
-            row, k, rank = payloads[0]
-            alone = recommender.top_one_lists(row, k, rank)
-            if alone is not None:
-                return [alone]
-        elif all(_plain(payload) for payload in payloads):  # the usual batch under load
-            known = recommender.top_k_known_lists(
-                [p[0] for p in payloads],
-                max(p[1] for p in payloads),
-                [p[2].exclude_seen for p in payloads],
-            )
-            if known is not None:
-                return _cut(known, payloads)
-        return _rank_batch(recommender.top_k_lists, payloads)
-    return _rank_batch(functools.partial(ann.top_k_lists, recommender), payloads)
+    recommender, ann, kernel = model.recommender, model.ann, model.rank_kernel
+    if ann is not None:
+        return _rank_batch(functools.partial(ann.top_k_lists, recommender), payloads)
+    if kernel is not None:
+        # Plain calls (the usual ones) through the compiled kernel, batch or lone alike, so a
+        # user's answer never depends on its batch; the rest through torch's general path.
+        plain = [n for n, payload in enumerate(payloads) if _plain(payload)]
+        if len(plain) == len(payloads):
+            return _kernel_top_k(kernel, payloads)
+        answers: list[RankedRow | None] = [None] * len(payloads)
+        if plain:
+            ranked = _kernel_top_k(kernel, [payloads[n] for n in plain])
+            for n, answer in zip(plain, ranked, strict=True):
+                answers[n] = answer
+        rest = [n for n in range(len(payloads)) if answers[n] is None]
+        general = _rank_batch(recommender.top_k_lists, [payloads[n] for n in rest])
+        for n, answer in zip(rest, general, strict=True):
+            answers[n] = answer
+        return [answer for answer in answers if answer is not None]
+    # A lone call slices the user's seen items straight from the CSR arrays: ~120 us, against
+    # ~150-240 us as a batch of one through top_k_known_lists (measured in-process).
+    if len(payloads) == 1:
+        row, k, rank = payloads[0]
+        alone = recommender.top_one_lists(row, k, rank)
+        if alone is not None:
+            return [alone]
+    elif all(_plain(payload) for payload in payloads):  # the usual batch under load
+        known = recommender.top_k_known_lists(
+            [p[0] for p in payloads],
+            max(p[1] for p in payloads),
+            [p[2].exclude_seen for p in payloads],
+        )
+        if known is not None:
+            return _cut(known, payloads)
+    return _rank_batch(recommender.top_k_lists, payloads)
+
+
+def _kernel_top_k(kernel: RankKernel, payloads: list[RankPayload]) -> list[RankedRow]:
+    ranked = kernel.top_k(
+        [p[0] for p in payloads], max(p[1] for p in payloads), [p[2].exclude_seen for p in payloads]
+    )
+    return _cut(ranked, payloads)
 
 
 def similar_batch(model: Recommender, payloads: list[RankPayload]) -> list[RankedRow]:

@@ -34,6 +34,7 @@ import torch
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
 from mfserve.server.pair_kernel import PairKernel, pair_kernel
+from mfserve.server.rank_kernel import RankKernel, rank_kernel
 from mfserve.training.ann import KINDS, AnnError, AnnIndex, load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import RankRequest, Recommender
@@ -74,6 +75,8 @@ class ServingModel:
     # bytes, and the rating kernel behind Predict and BatchPredict.
     batch_decoder: BatchDecoder | None = None
     pair_kernel: PairKernel | None = None
+    # The usual exact TopK (known users, no lists, one-chunk catalogue) in compiled code.
+    rank_kernel: RankKernel | None = None
 
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Ratings (float32) for row pairs (-1 = unknown): the compiled kernel, or torch."""
@@ -90,7 +93,9 @@ def serving_model(recommender: Recommender, ann: ServingIndex | None = None) -> 
     """``recommender`` ready to serve, with ``ann`` and its compiled fast paths, all built now so
     that a hot reload publishes a model whose first call pays for nothing."""
     decoder = batch_decoder(recommender.user_index, recommender.item_index)
-    return ServingModel(recommender, ann, decoder, pair_kernel(recommender))
+    # With an approximate index the index answers known users: no exact kernel to build.
+    ranker = rank_kernel(recommender) if ann is None else None
+    return ServingModel(recommender, ann, decoder, pair_kernel(recommender), ranker)
 
 
 # What create_server and ModelHolder.set accept as "a model".

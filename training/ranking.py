@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -142,6 +143,19 @@ def chunked_topk(
             best_scores = keep.values
             best_items = torch.gather(best_items, 1, keep.indices)
     return best_scores, best_items
+
+
+class RankingTables(NamedTuple):
+    """What exact ranking reads, for code that ranks outside torch (the server's compiled kernel):
+    ``queries[user] . keys[item] (+ key_bias[item]) (+ user_offset[user])``, the seen items of a
+    user being ``seen_indices[seen_indptr[user]:seen_indptr[user + 1]]``. Read-only views."""
+
+    queries: np.ndarray
+    keys: np.ndarray
+    key_bias: np.ndarray | None
+    user_offset: np.ndarray | None
+    seen_indptr: np.ndarray
+    seen_indices: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from mfserve.training.ranking import (
     Ranked,
     RankedLists,
     Ranking,
+    RankingTables,
     RankRequest,
     banned_pairs,
     chunked_topk,
@@ -117,6 +118,17 @@ class Recommender:
     def item_index(self) -> Mapping[str, int]:
         """Row of each item id (read-only by contract)."""
         return self._item_rows
+
+    def ranking_tables(self) -> RankingTables:
+        """The exact ranking's tables as numpy views (no copies), in :meth:`top_k`'s formula."""
+        return RankingTables(
+            self._rank_user_np,
+            self._rank_item.numpy(),
+            None if self._rank_item_bias is None else self._rank_item_bias.numpy(),
+            None if self._rank_offset is None else self._rank_offset.numpy(),
+            self._seen_indptr_np,
+            self._seen_indices_np,
+        )
 
     def user_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each user id, -1 where unknown."""

@@ -1,17 +1,23 @@
-"""Where a 1,000-pair BatchPredict spends its server time, in-process, step by step.
+"""The server's compiled paths against the protobuf and torch ones, in-process.
 
-Each step the server takes for one call, timed on its own over the same prebuilt request (median
-of ``--repeat`` runs, one thread): the protobuf path (parse, ids to lists, one dict lookup per id,
-torch's predict) against the compiled path (``batch_decode`` straight from the bytes, then
-``pair_kernel``). Hot caches, so a loaded server's figures are higher (its caches are shared with
-the load clients); compare the two paths, not these numbers with the end-to-end ones.
+BatchPredict: each step the server takes for one call, timed on its own over the same prebuilt
+request: the protobuf path (parse, ids to lists, one dict lookup per id, torch's predict) against
+the compiled path (``batch_decode`` straight from the bytes, then ``pair_kernel``).
+TopK: the usual exact query (known users, seen items excluded, k=10), alone and in batches of 3
+and 8, through torch (``Recommender.top_one_lists`` / ``top_k_known_lists``) and through
+``rank_kernel``, the two timed alternately.
 
-    python -m benchmarks.batch_predict_path --model models/movielens [--pairs 1000]
+Medians of ``--repeat`` runs, one thread, hot caches, so a loaded server's figures are higher
+(its caches are shared with the load clients); compare the paths, not these numbers with the
+end-to-end ones.
+
+    python -m benchmarks.compiled_paths --model models/movielens [--pairs 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
@@ -23,8 +29,9 @@ import torch
 
 from mfserve.server.batch_decode import batch_decoder
 from mfserve.server.pair_kernel import pair_kernel
+from mfserve.server.rank_kernel import rank_kernel
 from mfserve.training.artifact import load_artifact, resolve_version
-from mfserve.training.recommender import Recommender
+from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.v1 import recommender_pb2 as pb
 
 
@@ -37,6 +44,22 @@ def median_us(step: Callable[[], Any], repeat: int) -> float:
         step()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
+
+
+def paired_median_us(
+    first: Callable[[], Any], second: Callable[[], Any], repeat: int
+) -> tuple[float, float]:
+    """Both steps' medians, timed alternately so the host's drift hits both alike."""
+    for _ in range(min(100, repeat)):
+        first()
+        second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for step, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     after = totals["compiled"]
     print(f"| **protobuf + torch, ids to ratings** | **{before:,.1f}** |")
     print(f"| **compiled, ids to ratings** | **{after:,.1f}** ({before / after:.1f}x less) |")
+    top_k_table(model, args.repeat)
     return 0
+
+
+def top_k_table(model: Recommender, repeat: int) -> None:
+    kernel = rank_kernel(model)
+    if kernel is None:
+        print("\nTopK: no rank kernel for this model (a catalogue past one scoring chunk)")
+        return
+    users = list(range(0, model.n_users, max(1, model.n_users // 8)))[:8]
+    print("\n| TopK k=10, seen excluded | torch us | compiled us | compiled vs torch |")
+    print("|---|---:|---:|---:|")
+    for size in (1, 3, 8):
+        batch, seen = users[:size], [True] * size
+        torch_step = (
+            functools.partial(model.top_one_lists, batch[0], 10, RankRequest())
+            if size == 1
+            else functools.partial(model.top_k_known_lists, batch, 10, seen)
+        )
+        compiled_step = functools.partial(kernel.top_k, batch, 10, seen)
+        before, after = paired_median_us(torch_step, compiled_step, repeat)
+        label = "lone query" if size == 1 else f"batch of {size}"
+        print(f"| {label} | {before:,.1f} | {after:,.1f} | {after / before:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The compiled BatchPredict fast paths against protobuf and torch: the id decoder must give the
-rows protobuf's parser plus the id maps give, or decline; the pair kernel must give
-``Recommender.predict``'s ratings (to float32 rounding) and never depend on its batch."""
+"""The server's compiled fast paths against protobuf and torch: the id decoder must give the rows
+protobuf's parser plus the id maps give, or decline; the pair and rank kernels must give
+``Recommender``'s ratings and rankings (to float32 rounding) and never depend on their batch."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
+from mfserve.server.batching import top_k_batch
 from mfserve.server.jit import HAVE_NUMBA, compiled
+from mfserve.server.model_holder import serving_model
 from mfserve.server.pair_kernel import pair_kernel
+from mfserve.server.rank_kernel import RankKernel, rank_kernel
 from mfserve.server.wire import varint
-from mfserve.training.recommender import Recommender
+from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.synthetic import synthetic_artifact
 from mfserve.v1 import recommender_pb2 as pb
 
 pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="the fast paths need numba")
@@ -189,3 +193,75 @@ def test_without_a_cache_location_kernels_still_compile(
 
     assert compiled(double)(21) == 42
     assert "numba cannot cache" in caplog.text  # the fallback, not the cached build, ran
+
+
+# ---------------------------------------------------------------------------- the rank kernel
+@pytest.fixture(scope="module", params=[True, False], ids=["rank-head", "rating-head"])
+def ranker(request: pytest.FixtureRequest) -> tuple[Recommender, RankKernel]:
+    shape = {"n_users": 60, "n_items": 400, "factors": 8, "clusters": 4, "seen_per_user": 5}
+    model = Recommender(synthetic_artifact(**shape, rank_head=request.param))
+    kernel = rank_kernel(model)
+    assert kernel is not None
+    return model, kernel
+
+
+def test_rank_kernel_matches_the_torch_ranking(ranker: tuple[Recommender, RankKernel]) -> None:
+    model, kernel = ranker
+    users = list(range(model.n_users))
+    seen = [u % 3 != 0 for u in users]  # both kinds in one batch
+    got = kernel.top_k(users, 10, seen)
+    requests = [RankRequest(exclude_seen=s) for s in seen]
+    want = model.top_k_lists(torch.tensor(users), 10, requests)
+    for (items, scores), (want_items, want_scores) in zip(got, want, strict=True):
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+        # Items exactly, except where two scores tie to within the tolerance.
+        for n, (item, want_item) in enumerate(zip(items, want_items, strict=True)):
+            if item != want_item:
+                assert abs(scores[n] - want_scores[n]) < 1e-5
+
+
+def test_rank_kernel_batches_do_not_change_answers(ranker: tuple[Recommender, RankKernel]) -> None:
+    _, kernel = ranker
+    users = [5, 17, 5, 42, 0]
+    together = kernel.top_k(users, 7, [True, True, False, True, False])
+    alone = [kernel.top_k([u], 7, [s])[0] for u, s in zip(users, [1, 1, 0, 1, 0], strict=True)]
+    assert together == alone  # exactly
+
+
+def test_rank_kernel_never_returns_seen_items_and_stops_at_the_eligible(
+    ranker: tuple[Recommender, RankKernel],
+) -> None:
+    model, kernel = ranker
+    tables = model.ranking_tables()
+    [(items, scores)] = kernel.top_k([3], model.n_items + 50, [True])
+    seen = set(tables.seen_indices[tables.seen_indptr[3] : tables.seen_indptr[4]].tolist())
+    assert seen and not seen & set(items)
+    assert len(items) == model.n_items - len(seen)  # every unseen item, none twice
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_mixed_batch_keeps_each_call_on_its_own_path(
+    ranker: tuple[Recommender, RankKernel],
+) -> None:
+    # Plain calls go through the kernel, the others through torch, and every answer comes back
+    # in its call's place, equal to what the call gets alone.
+    model, _ = ranker
+    serving = serving_model(model)
+    assert serving.rank_kernel is not None
+    payloads = [
+        (4, 5, RankRequest()),
+        (9, 3, RankRequest(exclude=torch.tensor([0, 1, 2]))),  # a deny-list: torch
+        (-1, 4, RankRequest()),  # unknown user: popularity, torch
+        (11, 6, RankRequest(exclude_seen=False)),
+    ]
+    together = top_k_batch(serving, payloads)
+    alone = [top_k_batch(serving, [payload])[0] for payload in payloads]
+    assert [len(items) for items, _ in together] == [5, 3, 4, 6]
+    for (items, scores), (want_items, want_scores) in zip(together, alone, strict=True):
+        assert items == want_items
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+
+
+def test_a_catalogue_past_one_chunk_keeps_the_torch_path() -> None:
+    model = Recommender(synthetic_artifact(n_users=5, n_items=300, factors=4), chunk_size=128)
+    assert rank_kernel(model) is None
