@@ -11,10 +11,12 @@ The scores are ``Recommender``'s ranking formula step for step (query . key, + t
 + the user's offset, in float32); only the dot product's summation order differs from BLAS's, so
 a score may differ from ``Recommender.top_k``'s in its last bits (1e-5 in the tests) and two
 items within that of each other may swap. Each (user, item) score is computed on its own, so a
-user's answer does not depend on its batch: batched answers equal unbatched ones exactly.
+user's answer does not depend on its batch: within the kernel, batched answers equal unbatched
+ones exactly.
 
 Catalogues bigger than one scoring chunk (``Recommender.chunk_size``), users the model does not
-know, allow-lists and deny-lists keep the torch path. Without numba :func:`rank_kernel` returns
+know, allow-lists and deny-lists keep the torch path, and so do batches of more than
+``batching.RANK_KERNEL_MAX_USERS`` users, where a GEMM is the faster way to score. Without numba :func:`rank_kernel` returns
 ``None`` and everything does.
 """
 

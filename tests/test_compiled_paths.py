@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
-from mfserve.server.batching import top_k_batch
+from mfserve.server.batching import RANK_KERNEL_MAX_USERS, top_k_batch
 from mfserve.server.jit import HAVE_NUMBA, compiled
 from mfserve.server.model_holder import serving_model
 from mfserve.server.pair_kernel import pair_kernel
@@ -265,3 +265,17 @@ def test_a_mixed_batch_keeps_each_call_on_its_own_path(
 def test_a_catalogue_past_one_chunk_keeps_the_torch_path() -> None:
     model = Recommender(synthetic_artifact(n_users=5, n_items=300, factors=4), chunk_size=128)
     assert rank_kernel(model) is None
+
+
+def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
+    ranker: tuple[Recommender, RankKernel],
+) -> None:
+    # Past RANK_KERNEL_MAX_USERS the batch is a GEMM through torch: scores to 1e-5.
+    model, _ = ranker
+    serving = serving_model(model)
+    payloads = [(user, 5, RankRequest()) for user in range(RANK_KERNEL_MAX_USERS + 4)]
+    together = top_k_batch(serving, payloads)
+    for (items, scores), payload in zip(together, payloads, strict=True):
+        [(want_items, want_scores)] = top_k_batch(serving, [payload])
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+        assert len(items) == len(want_items) == 5
