@@ -80,10 +80,11 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 INLINE_RANK_SCORES = 65_536
 INLINE_PREDICT_PAIRS = 16_384
 # The compiled TopK kernel scores user by user with a dot product per item: alone and in small
-# batches it beats torch (no GIL hand-offs, ~0.6-0.8x of torch's time), but a GEMM pulls ahead as
-# the batch grows (measured in-process: even at 16 users, 1.25x torch's time at 32, 1.7x at 64).
-# Larger batches, which form only under heavy load, go through torch.
-RANK_KERNEL_MAX_USERS = 16
+# batches it beats torch (no GIL hand-offs; benchmarks.compiled_paths: ~0.6-0.8x of torch's time
+# alone or for 3 users, 0.8-1.2x for 8), but a GEMM pulls ahead as the batch grows (by hand: 1.0x
+# at 16 users, 1.25x at 32, 1.7x at 64). Larger batches, which form only under heavy load, go
+# through torch.
+RANK_KERNEL_MAX_USERS = 8
 
 
 @dataclass
