@@ -279,3 +279,34 @@ def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
         [(want_items, want_scores)] = top_k_batch(serving, [payload])
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
         assert len(items) == len(want_items) == 5
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_hostile_bytes_decode_as_protobuf_parses_them_or_decline(data: Any) -> None:
+    # The decoder runs without bounds checks, so it must never read past the request: any bytes
+    # (mutated valid requests, truncations, random junk) either decline or give exactly the rows
+    # protobuf's own parser gives.
+    users, items = ["a", "bb", "ccc"], ["x", "yy", "\u00e9t\u00e9"]
+    valid = pb.BatchPredictRequest(
+        user_ids=data.draw(st.lists(st.sampled_from(users), max_size=6)),
+        item_ids=data.draw(st.lists(st.sampled_from(items), max_size=6)),
+        allow_cold_start=data.draw(st.booleans()),
+    ).SerializeToString()
+    raw = data.draw(
+        st.one_of(
+            st.binary(max_size=64),
+            st.just(valid[: data.draw(st.integers(0, len(valid)))]),
+            st.builds(
+                lambda at, byte: valid[:at] + bytes([byte]) + valid[at + 1 :],
+                st.integers(0, max(0, len(valid) - 1)),
+                st.integers(0, 255),
+            ),
+        )
+    )
+    decoded = _decoder(users, items).decode(raw, 1000)
+    if decoded is None:
+        return
+    parsed = pb.BatchPredictRequest.FromString(raw)  # must parse: the decoder accepted it
+    assert decoded[0].tolist() == [users.index(u) for u in parsed.user_ids]
+    assert decoded[1].tolist() == [items.index(i) for i in parsed.item_ids]
