@@ -434,6 +434,24 @@ def test_interactions_that_disagree_are_refused(tmp_path: Path, artifact: ModelA
     assert str(folder / INTERACTIONS) in message and "do not match the id lists" in message
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda a: dataclasses.replace(a, seen_indices=a.seen_indices + 1000), "outside 0..19"),
+        (lambda a: dataclasses.replace(a, seen_indices=a.seen_indices - 1000), "outside 0..19"),
+        (lambda a: dataclasses.replace(a, seen_indptr=a.seen_indptr.flip(0)), "not a CSR index"),
+        (lambda a: dataclasses.replace(a, seen_indptr=a.seen_indptr * 2), "not a CSR index"),
+    ],
+    ids=["past-the-end", "negative", "decreasing", "overrun"],
+)
+def test_seen_lists_outside_the_tables_are_refused(
+    tmp_path: Path, artifact: ModelArtifact, change: Any, expected: str
+) -> None:
+    folder = save_artifact(tmp_path / "model", change(artifact))
+    message = error_of(folder)
+    assert str(folder / INTERACTIONS) in message and expected in message
+
+
 def test_ids_that_disagree_with_the_tables_are_refused(saved: Path) -> None:
     users = json.loads((saved / USERS).read_text(encoding="utf-8"))
     replace_file(saved, USERS, json.dumps([*users, "extra"]).encode())

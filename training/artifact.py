@@ -349,3 +349,19 @@ def _check_shapes(artifact: ModelArtifact, folder: Path) -> None:
         raise ArtifactError(
             f"{folder / INTERACTIONS}: interaction tables do not match the id lists"
         )
+    # The seen-item lists are indexed without bounds checks by the server's compiled TopK, so a
+    # file whose checksum matches but whose index points outside the tables is refused here.
+    indptr, indices = artifact.seen_indptr, artifact.seen_indices
+    if (
+        int(indptr[0]) != 0
+        or int(indptr[-1]) != indices.numel()
+        or bool((indptr[1:] < indptr[:-1]).any())
+    ):
+        raise ArtifactError(
+            f"{folder / INTERACTIONS}: seen_indptr is not a CSR index over seen_indices (it must "
+            f"start at 0, never decrease and end at {indices.numel()})"
+        )
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
+        raise ArtifactError(
+            f"{folder / INTERACTIONS}: seen_indices holds item rows outside 0..{n_items - 1}"
+        )
