@@ -267,11 +267,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             try:
                 request = pb.BatchPredictRequest.FromString(raw)
             except DecodeError as exc:
-                raise invalid_fields(
-                    f"the request is not a valid {pb.BatchPredictRequest.DESCRIPTOR.full_name}: "
-                    f"{exc}",
-                    "request",
-                ) from exc
+                raise malformed(pb.BatchPredictRequest, exc) from exc
             return await self._batch_predict(serving, request)
         users, items = decoded
         check_sizes(len(users), len(items), self.max_batch_pairs)
@@ -452,9 +448,35 @@ def _predict_on_loop(limit: int, model: ServingModel, payload: PredictPayload) -
     return model.pair_kernel is not None and len(payload[0]) <= limit
 
 
+def malformed(request_class: Any, error: DecodeError) -> ServiceError:
+    """``INVALID_ARGUMENT`` for request bytes that do not parse as ``request_class``."""
+    name = request_class.DESCRIPTOR.full_name
+    return invalid_fields(f"the request is not a valid {name}: {error}", "request")
+
+
+def _parsed(
+    method: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    request_class: Any,
+) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    """``method`` taking the request's bytes: parsed here, so that bytes which do not parse get
+    ``INVALID_ARGUMENT`` like any other bad request (gRPC's own deserializer answers UNKNOWN)."""
+
+    @functools.wraps(method)
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError as exc:
+            await abort(context, malformed(request_class, exc))
+        return await method(request, context)
+
+    return handler
+
+
 def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
     """Register ``service`` as the generated ``add_RecommenderServiceServicer_to_server`` does,
-    but with BatchPredict taking the request's bytes (:meth:`RecommenderService.batch_predict_bytes`).
+    but with every handler taking the request's bytes: BatchPredict decodes them itself
+    (:meth:`RecommenderService.batch_predict_bytes`), the others parse them with protobuf
+    (:func:`_parsed`), and bytes that do not parse are ``INVALID_ARGUMENT`` for all of them.
 
     Built from the service descriptor, so an RPC added to the proto is registered here too.
     """
@@ -462,24 +484,20 @@ def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
         if method.name == "BatchPredict":
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                service.batch_predict_bytes,
-                request_deserializer=None,  # the bytes as received
-                response_serializer=_serialized,
-            )
+            behaviour = service.batch_predict_bytes
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                getattr(service, method.name),
-                request_deserializer=request_class.FromString,
-                response_serializer=response_class.SerializeToString,
-            )
+            behaviour = _parsed(getattr(service, method.name), request_class)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=None,  # the bytes as received
+            response_serializer=_serialized,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     # As generated code does since grpcio 1.63 (grpc-stubs predates the method).
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
 
 def _serialized(response: bytes | Message) -> bytes:
-    """A response that may already be bytes (a decoded BatchPredict's answer) as bytes."""
+    """A response as bytes: BatchPredict's decoded answers already are."""
     return response if isinstance(response, bytes) else response.SerializeToString()

@@ -20,7 +20,6 @@ from mfserve.server.jit import HAVE_NUMBA
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
-METHOD = "/mfserve.v1.RecommenderService/BatchPredict"
 USERS = [f"u{n % 60}" for n in range(200)]
 ITEMS = [f"i{(13 * n) % 400}" for n in range(200)]
 
@@ -46,12 +45,15 @@ def test_decoded_and_parsed_requests_get_the_same_ratings(model_dir: Path) -> No
 
 
 @pytest.mark.parametrize("garbage", [b"\x0a\x09short", b"\xff\xff\xff"])
-def test_bytes_that_are_not_a_request_are_invalid_argument(model_dir: Path, garbage: bytes) -> None:
+@pytest.mark.parametrize("rpc", ["BatchPredict", "Predict", "TopK", "SimilarItems", "GetModelInfo"])
+def test_bytes_that_are_not_a_request_are_invalid_argument(
+    model_dir: Path, rpc: str, garbage: bytes
+) -> None:
     with (
         running_server_handle(model_dir) as handle,
         grpc.insecure_channel(handle.address) as channel,
     ):
-        call = channel.unary_unary(METHOD)  # no serializers: the bytes go as they are
+        call = channel.unary_unary(f"/mfserve.v1.RecommenderService/{rpc}")  # bytes as they are
         with pytest.raises(grpc.RpcError) as caught:
             call(garbage, timeout=30)
         # The server is still there for the next call.
@@ -59,7 +61,7 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(model_dir: Path, garb
         assert stub.BatchPredict(pb.BatchPredictRequest(user_ids=["u1"], item_ids=["i1"])).ratings
     error = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-    assert "not a valid mfserve.v1.BatchPredictRequest" in (error.details() or "")
+    assert f"not a valid mfserve.v1.{rpc}Request" in (error.details() or "")
 
 
 @pytest.mark.skipif(not HAVE_NUMBA, reason="the opt-in needs the compiled kernel")

@@ -37,6 +37,8 @@ class RecommenderServiceStub:
     * `RESOURCE_EXHAUSTED` when the server is at its concurrent-RPC limit or a
     message exceeds the size limit.
     * `DEADLINE_EXCEEDED` / `CANCELLED` as usual.
+    * `INVALID_ARGUMENT` naming `request` when the bytes received do not parse
+    as the RPC's request message.
 
     Errors caused by the request carry a `google.rpc.BadRequest` detail whose
     field violations name the offending field, and a message that names the
@@ -88,6 +90,8 @@ class RecommenderServiceServicer:
     * `RESOURCE_EXHAUSTED` when the server is at its concurrent-RPC limit or a
     message exceeds the size limit.
     * `DEADLINE_EXCEEDED` / `CANCELLED` as usual.
+    * `INVALID_ARGUMENT` naming `request` when the bytes received do not parse
+    as the RPC's request message.
 
     Errors caused by the request carry a `google.rpc.BadRequest` detail whose
     field violations name the offending field, and a message that names the
@@ -198,6 +202,8 @@ class RecommenderService:
     * `RESOURCE_EXHAUSTED` when the server is at its concurrent-RPC limit or a
     message exceeds the size limit.
     * `DEADLINE_EXCEEDED` / `CANCELLED` as usual.
+    * `INVALID_ARGUMENT` naming `request` when the bytes received do not parse
+    as the RPC's request message.
 
     Errors caused by the request carry a `google.rpc.BadRequest` detail whose
     field violations name the offending field, and a message that names the
