@@ -3,7 +3,7 @@
 Why: ``Recommender.predict`` is about ten torch ops (two gathers, a row-wise dot, three adds, a
 clamp). Each is quick, but each gives the GIL back and must win it again from the event loop, so in
 a loaded server a 2,500-pair batch took ~0.9 ms of wall time for ~0.45 ms of CPU. This kernel does
-the same arithmetic pair by pair in numba-compiled code that holds the GIL once, at its start.
+the same arithmetic pair by pair in numba-compiled code that releases the GIL for the whole pass.
 
 The answers are ``Recommender.predict``'s formula step for step (dot, + user bias, + item bias,
 + global mean, clamp; a row of -1 contributes no factors and no bias), in float32. Only the dot's

@@ -7,8 +7,8 @@ time for ~0.5 ms of CPU. Here the whole batch is one call into numba-compiled co
 the item table once per batch (each item row scored against every user of the batch), masks each
 user's seen items, and keeps the best ``k`` per user by insertion, all without the GIL.
 
-The scores are ``Recommender``'s ranking formula step for step (query . key, + the key's bias,
-+ the user's offset, in float32); only the dot product's summation order differs from BLAS's, so
+The scores are ``Recommender``'s ranking formula (query . key, + the key's bias, + the user's
+offset, in float32); only the order of the float additions differs from BLAS's and torch's, so
 a score may differ from ``Recommender.top_k``'s in its last bits (1e-5 in the tests) and two
 items within that of each other may swap. Each (user, item) score is computed on its own, so a
 user's answer does not depend on its batch: within the kernel, batched answers equal unbatched
@@ -16,8 +16,8 @@ ones exactly.
 
 Catalogues bigger than one scoring chunk (``Recommender.chunk_size``), users the model does not
 know, allow-lists and deny-lists keep the torch path, and so do batches of more than
-``batching.RANK_KERNEL_MAX_USERS`` users, where a GEMM is the faster way to score. Without numba :func:`rank_kernel` returns
-``None`` and everything does.
+``batching.RANK_KERNEL_MAX_USERS`` users, where a GEMM is the faster way to score. Without numba
+:func:`rank_kernel` returns ``None`` and everything does.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from mfserve.server.jit import HAVE_NUMBA, compiled
 from mfserve.training.recommender import Recommender
 
 
-@compiled(fastmath={"reassoc", "contract"})  # lets the dot product vectorise; nothing else changes
+# reassoc lets the dot product vectorise (and may regroup the adds: rounding only, the same for a
+# user alone or in a batch, since the per-score code is the same); contract allows FMA.
+@compiled(fastmath={"reassoc", "contract"})
 def _score(
     queries: np.ndarray,
     keys: np.ndarray,
