@@ -272,14 +272,10 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         users, items = decoded
         check_sizes(len(users), len(items), self.max_batch_pairs)
         ratings = await self._predict_rows(serving, users, items)
-        return packed_floats(_RATINGS_FIELD, ratings) + self._version_field(model)
-
-    def _version_field(self, model: Recommender) -> bytes:
-        """``model_version`` as serialized bytes (the tail of every decoded BatchPredict answer)."""
-        field: bytes = pb.BatchPredictResponse(
-            model_version=model.artifact.version
-        ).SerializeToString()
-        return field
+        # The response's bytes: the packed ratings, then model_version as protobuf writes it.
+        version = pb.BatchPredictResponse(model_version=model.artifact.version)
+        tail: bytes = version.SerializeToString()
+        return packed_floats(_RATINGS_FIELD, ratings) + tail
 
     async def _batch_predict(
         self, serving: ServingModel, request: pb.BatchPredictRequest
