@@ -79,12 +79,6 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 # ef_search 64, ~0.2 ms on a 1M-item catalogue), whatever the catalogue size.
 INLINE_RANK_SCORES = 65_536
 INLINE_PREDICT_PAIRS = 16_384
-# The compiled TopK kernel scores user by user with a dot product per item: alone and in small
-# batches it beats torch (no GIL hand-offs; benchmarks.compiled_paths: ~0.6-0.8x of torch's time
-# alone or for 3 users, 0.8-1.2x for 8), but a GEMM pulls ahead as the batch grows (by hand: 1.0x
-# at 16 users, 1.25x at 32, 1.7x at 64). Larger batches, which form only under heavy load, go
-# through torch.
-RANK_KERNEL_MAX_USERS = 8
 
 
 @dataclass
@@ -449,9 +443,10 @@ def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[Ranked
     if ann is not None:
         return _rank_batch(functools.partial(ann.top_k_lists, recommender), payloads)
     plain = [n for n, payload in enumerate(payloads) if _plain(payload)] if kernel else []
-    if kernel is not None and len(plain) <= RANK_KERNEL_MAX_USERS:
+    if kernel is not None and (kernel.max_users is None or len(plain) <= kernel.max_users):
         # Plain calls (the usual ones) through the compiled kernel, batch or lone alike, so a
         # user's answer does not depend on its batch; the rest through torch's general path.
+        # Past the kernel's max_users (full scans only) a torch GEMM is faster.
         if len(plain) == len(payloads):
             return _kernel_top_k(kernel, payloads)
         answers: list[RankedRow | None] = [None] * len(payloads)

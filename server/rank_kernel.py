@@ -1,23 +1,40 @@
-"""The usual TopK (known users, no allow- or deny-list) in one compiled pass, GIL released.
+"""The usual TopK (known users, no allow- or deny-list) in compiled code: exact, and pruned
+where the model allows.
 
-Why: a TopK batch through torch is a GEMM, a bias add, a seen-item mask and a ``topk``, each
-op giving the GIL back and waiting to win it again from the event loop, which in a loaded server
-wants it for every call's gRPC work. On this 2-core host a batch of ~3 calls took ~1 ms of wall
-time for ~0.5 ms of CPU. Here the whole batch is one call into numba-compiled code: it streams
-the item table once per batch (each item row scored against every user of the batch), masks each
-user's seen items, and keeps the best ``k`` per user by insertion, all without the GIL.
+Why compiled: a TopK batch through torch is a GEMM, a bias add, a seen-item mask and a ``topk``,
+each op giving the GIL back and waiting to win it again from the event loop, which in a loaded
+server wants it for every call's gRPC work. Here a whole batch is one call into numba-compiled
+code that runs without the GIL.
 
-The scores are ``Recommender``'s ranking formula (query . key, + the key's bias, + the user's
-offset, in float32); only the order of the float additions differs from BLAS's and torch's, so
-a score may differ from ``Recommender.top_k``'s in its last bits (1e-5 in the tests) and two
-items within that of each other may swap. Each (user, item) score is computed on its own, so a
-user's answer does not depend on its batch: within the kernel, batched answers equal unbatched
-ones exactly.
+Why pruned: a trained factor model's best items for a user are nearly always among the items with
+the longest key vectors, and Cauchy-Schwarz bounds every other item's score:
+``query . key + bias <= |query| |key| + bias``. So the items are put in order of key norm,
+longest first, with each position's suffix maximum of the bias; a user's scan walks that order,
+keeps the best ``k`` by insertion, and stops as soon as the bound of everything left is below its
+k-th best score. On ml-latest-small a usual query visits ~5% of the catalogue. Where the norms
+are all alike (synthetic clustered data: ~95%), the pruned scan loses to a plain one, so
+:meth:`RankKernel.build` measures it on a sample of users and keeps the full, item-major scan
+(each key row scored against every user of the batch while it is in cache) unless pruning pays.
+
+Both scans give exactly the same answer:
+
+* every score is computed by the same code whatever the user's batch or the scan order
+  (query . key, + the key's bias, + the user's offset, in float32), and only an item that provably
+  cannot reach the k-th best score is skipped: the bound is widened by ``BOUND_SLACK`` of its
+  magnitude, above float32's worst rounding of a 64-term dot product and two adds (~4e-6), and
+  the stop test is strict, so an item that could tie is still scanned;
+* ties are ordered by item row, as a scan in row order ranks them;
+* a non-finite score never ranks, as in ``Recommender``; a non-finite key or bias voids the bound,
+  and that model gets full scans.
+
+The scores are ``Recommender``'s ranking formula; only the order of the float additions differs
+from BLAS's and torch's, so a score may differ from ``Recommender.top_k``'s in its last bits (1e-5
+in the tests) and two items within that of each other may swap. Within the kernel, batched
+answers equal unbatched ones exactly.
 
 Catalogues bigger than one scoring chunk (``Recommender.chunk_size``), users the model does not
-know, allow-lists and deny-lists keep the torch path, and so do batches of more than
-``batching.RANK_KERNEL_MAX_USERS`` users, where a GEMM is the faster way to score. Without numba
-:func:`rank_kernel` returns ``None`` and everything does.
+know, allow-lists and deny-lists keep the torch path. Without numba :func:`rank_kernel` returns
+``None`` and everything does.
 """
 
 from __future__ import annotations
@@ -29,11 +46,33 @@ from typing import Any
 import numpy as np
 
 from mfserve.server.jit import HAVE_NUMBA, compiled
+from mfserve.training.ranking import RankingTables
 from mfserve.training.recommender import Recommender
 
+# The bound's relative widening: float32's worst-case rounding of a 64-term dot product (about
+# 64 * 2**-24 = 3.8e-6 of sum |q_f k_f| <= |q||k|) and of the two adds after it, with room to spare.
+BOUND_SLACK = 1e-5
+# The pruned scan is used when, measured on the model at load, a usual query visits at most this
+# share of the catalogue: past it, the full scan's item-major order (a batch shares each key row)
+# wins. ml-latest-small visits ~5%; synthetic clustered data, whose key norms are all alike, ~95%.
+PRUNED_SCAN_MAX_FRACTION = 0.25
+# With full scans, a GEMM through torch is faster past this many users (benchmarks.compiled_paths:
+# the kernel is ~0.6-0.8x of torch's time alone or for 3 users, 0.8-1.2x for 8).
+FULL_SCAN_MAX_USERS = 8
 
-# reassoc lets the dot product vectorise (and may regroup the adds: rounding only, the same for a
-# user alone or in a batch, since the per-score code is the same); contract allows FMA.
+
+# reassoc lets the dot product vectorise (and may regroup the adds: rounding only, the same for
+# every call, since every score goes through this one function); contract allows FMA.
+@compiled(fastmath={"reassoc", "contract"})
+def _dot(queries: np.ndarray, row: int, keys: np.ndarray, item: int) -> Any:
+    acc = np.float32(0.0)
+    for f in range(keys.shape[1]):
+        acc += queries[row, f] * keys[item, f]
+    return acc
+
+
+# The full scan: item by item, each item row scored against every user of the batch while it is
+# in cache (a batch of 8 costs ~4.5x one user, not 8x). Same reassoc/contract as _dot.
 @compiled(fastmath={"reassoc", "contract"})
 def _score(
     queries: np.ndarray,
@@ -57,7 +96,7 @@ def _score(
 
 
 @compiled
-def _top_k(
+def _top_k_full(
     queries: np.ndarray,
     keys: np.ndarray,
     key_bias: np.ndarray,
@@ -99,18 +138,142 @@ def _top_k(
         counts[row] = count
 
 
+@compiled
+def _top_k_pruned(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    key_bias: np.ndarray,
+    offsets: np.ndarray,
+    users: np.ndarray,
+    exclude_seen: np.ndarray,
+    seen_indptr: np.ndarray,
+    seen_indices: np.ndarray,
+    order: np.ndarray,
+    norms: np.ndarray,
+    tail_bias: np.ndarray,
+    slack_bias: float,
+    query_norms: np.ndarray,
+    masked: np.ndarray,
+    top_items: np.ndarray,
+    top_scores: np.ndarray,
+    counts: np.ndarray,
+    scanned: np.ndarray,
+) -> None:
+    k = top_items.shape[1]
+    n = order.shape[0]
+    for row in range(users.shape[0]):
+        user = users[row]
+        if exclude_seen[row]:
+            for j in range(seen_indptr[user], seen_indptr[user + 1]):
+                masked[seen_indices[j]] = 1
+        offset = offsets[row] if offsets.shape[0] else np.float32(0.0)
+        query_norm = query_norms[row]
+        count = 0
+        position = 0
+        while position < n:
+            if count == k:
+                # Nothing from here on can reach the k-th best (a NaN bound never stops the scan).
+                reach = query_norm * norms[position] + tail_bias[position] + offset
+                margin = BOUND_SLACK * (query_norm * norms[position] + slack_bias + abs(offset))
+                if reach + margin < top_scores[row, k - 1]:
+                    break
+            item = order[position]
+            position += 1
+            if masked[item]:
+                continue
+            score = _dot(queries, row, keys, item)
+            if key_bias.shape[0]:
+                score += key_bias[item]
+            if offsets.shape[0]:
+                score += offset
+            if not (-np.inf < score < np.inf):  # a non-finite score never ranks
+                continue
+            if count < k:
+                slot = count
+                count += 1
+            elif score > top_scores[row, k - 1] or (
+                score == top_scores[row, k - 1] and item < top_items[row, k - 1]
+            ):
+                slot = k - 1
+            else:
+                continue
+            # Best first; equal scores by item row, as a scan in row order would rank them.
+            while slot > 0 and (
+                top_scores[row, slot - 1] < score
+                or (top_scores[row, slot - 1] == score and top_items[row, slot - 1] > item)
+            ):
+                top_scores[row, slot] = top_scores[row, slot - 1]
+                top_items[row, slot] = top_items[row, slot - 1]
+                slot -= 1
+            top_scores[row, slot] = score
+            top_items[row, slot] = item
+        counts[row] = count
+        scanned[row] = position
+        if exclude_seen[row]:
+            for j in range(seen_indptr[user], seen_indptr[user + 1]):
+                masked[seen_indices[j]] = 0
+
+
+@dataclass(frozen=True, eq=False)
+class ScanOrder:
+    """Items longest key first, with what the pruned scan's bound needs at each position."""
+
+    items: np.ndarray  # item rows
+    norms: np.ndarray  # float64 key norms, descending
+    tail_bias: np.ndarray  # float64: the largest key bias from each position on
+    slack_bias: float  # the largest |bias|, for the bound's rounding margin
+
+    @classmethod
+    def of(cls, keys: np.ndarray, key_bias: np.ndarray | None) -> ScanOrder | None:
+        """The order for these tables, or ``None`` when a non-finite key or bias voids the bound."""
+        bias = np.zeros(keys.shape[0]) if key_bias is None else key_bias.astype(np.float64)
+        norms = np.linalg.norm(keys.astype(np.float64), axis=1)
+        if not (np.isfinite(norms).all() and np.isfinite(bias).all()):
+            return None
+        items = np.argsort(-norms, kind="stable").astype(np.int64)
+        tail_bias = np.maximum.accumulate(bias[items][::-1])[::-1]
+        return cls(
+            items,
+            np.ascontiguousarray(norms[items]),
+            np.ascontiguousarray(tail_bias),
+            float(np.abs(bias).max(initial=0.0)),
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class RankKernel:
-    """A model's ranking tables as numpy views of the same memory, for :meth:`top_k`."""
+    """A model's ranking tables as numpy views of the same memory, and how to scan them.
+
+    ``order`` is set when the pruned scan pays on this model (measured at build: on a sample of
+    users it visits at most :data:`PRUNED_SCAN_MAX_FRACTION` of the catalogue); batches of any
+    size then go through the kernel. Otherwise every user scans the whole catalogue, item-major
+    so a batch shares each key row, and :attr:`max_users` sends batches past 8 users to torch's
+    GEMM, which is faster there.
+    """
 
     user_queries: np.ndarray
     tables: tuple[Any, ...]  # keys, key bias (or empty), seen indptr, seen indices
     user_offsets: np.ndarray  # empty when the head has none
+    user_query_norms: np.ndarray  # float64
+    order: ScanOrder | None = None  # None: full scans
+
+    @property
+    def max_users(self) -> int | None:
+        """The largest batch worth ranking here rather than through torch (None: any)."""
+        return None if self.order is not None else FULL_SCAN_MAX_USERS
 
     @classmethod
-    def build(cls, model: Recommender) -> RankKernel:
+    def build(cls, model: Recommender, *, pruned: bool | None = None) -> RankKernel:
+        """The kernel over ``model``'s ranking tables (see :meth:`from_tables`)."""
+        return cls.from_tables(model.ranking_tables(), pruned=pruned)
+
+    @classmethod
+    def from_tables(cls, source: RankingTables, *, pruned: bool | None = None) -> RankKernel:
+        """The kernel over ``source``. ``pruned``: None measures whether pruning pays (a usual
+        query, k=10 with seen items excluded, on up to 64 users spread across the table, visiting
+        at most ``PRUNED_SCAN_MAX_FRACTION`` of the catalogue on average); True or False forces
+        the scan, where the bound allows one."""
         empty = np.empty(0, dtype=np.float32)  # numba wants an array: empty means "none"
-        source = model.ranking_tables()
         tables = (
             source.keys,
             empty if source.key_bias is None else source.key_bias,
@@ -118,45 +281,68 @@ class RankKernel:
             source.seen_indices,
         )
         offsets = empty if source.user_offset is None else source.user_offset
-        return cls(source.queries, tables, offsets)
+        query_norms = np.linalg.norm(source.queries.astype(np.float64), axis=1)
+        full = cls(source.queries, tables, offsets, query_norms)
+        n_users, n_items = source.queries.shape[0], source.keys.shape[0]
+        order = ScanOrder.of(source.keys, source.key_bias) if pruned is not False else None
+        if order is None or not n_users or not n_items:
+            return full
+        with_order = cls(source.queries, tables, offsets, query_norms, order)
+        if pruned:
+            return with_order
+        users = np.linspace(0, n_users - 1, min(64, n_users)).astype(np.int64)
+        _, scanned = with_order.top_k_scanned(users.tolist(), 10, [True] * len(users))
+        share = float(np.mean(scanned)) / n_items
+        return with_order if share <= PRUNED_SCAN_MAX_FRACTION else full
 
     def top_k(
         self, users: Sequence[int], k: int, exclude_seen: Sequence[bool]
     ) -> list[tuple[list[int], list[float]]]:
         """Best ``k`` items (rows, scores; best first) for each known user row."""
+        return self.top_k_scanned(users, k, exclude_seen)[0]
+
+    def top_k_scanned(
+        self, users: Sequence[int], k: int, exclude_seen: Sequence[bool]
+    ) -> tuple[list[tuple[list[int], list[float]]], list[int]]:
+        """:meth:`top_k`, and how many items each user's scan visited."""
         rows = np.asarray(users, dtype=np.int64)
         keys, key_bias, indptr, indices = self.tables
         size = len(rows)
-        k = min(k, keys.shape[0])
+        k = max(1, min(k, keys.shape[0]))
         offsets = self.user_offsets[rows] if self.user_offsets.shape[0] else self.user_offsets
-        scores = np.empty((size, keys.shape[0]), dtype=np.float32)
+        seen = np.asarray(exclude_seen, dtype=np.bool_)
         top_items = np.empty((size, k), dtype=np.int64)
         top_scores = np.empty((size, k), dtype=np.float32)
         counts = np.empty(size, dtype=np.int64)
-        _top_k(
-            self.user_queries[rows],
-            keys,
-            key_bias,
-            offsets,
-            rows,
-            np.asarray(exclude_seen, dtype=np.bool_),
-            indptr,
-            indices,
-            scores,
-            top_items,
-            top_scores,
-            counts,
-        )
+        order = self.order
+        if order is None:
+            scores = np.empty((size, keys.shape[0]), dtype=np.float32)
+            _top_k_full(
+                self.user_queries[rows], keys, key_bias, offsets, rows, seen, indptr, indices,
+                scores, top_items, top_scores, counts,
+            )  # fmt: skip
+            scanned = [keys.shape[0]] * size
+        else:
+            visited = np.empty(size, dtype=np.int64)
+            _top_k_pruned(
+                self.user_queries[rows], keys, key_bias, offsets, rows, seen, indptr, indices,
+                order.items, order.norms, order.tail_bias, order.slack_bias,
+                self.user_query_norms[rows],
+                np.zeros(keys.shape[0], dtype=np.uint8),  # the scanned user's seen items
+                top_items, top_scores, counts, visited,
+            )  # fmt: skip
+            scanned = visited.tolist()
         items_lists, score_lists = top_items.tolist(), top_scores.tolist()
-        return [
+        ranked = [
             (items[:n], values[:n])
             for items, values, n in zip(items_lists, score_lists, counts.tolist(), strict=True)
         ]
+        return ranked, scanned
 
 
 def rank_kernel(model: Recommender) -> RankKernel | None:
-    """The kernel for ``model``, compiled and warmed now; ``None`` without numba, for a
-    multi-chunk catalogue, or for tables that are not float32."""
+    """The kernel for ``model``, compiled, warmed and with its scan chosen now; ``None`` without
+    numba, for a multi-chunk catalogue, or for tables that are not float32."""
     if not HAVE_NUMBA or model.n_items > model.chunk_size:
         return None
     tables = model.ranking_tables()

@@ -4,6 +4,7 @@ protobuf's parser plus the id maps give, or decline; the pair and rank kernels m
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
-from mfserve.server.batching import RANK_KERNEL_MAX_USERS, top_k_batch
+from mfserve.server.batching import top_k_batch
 from mfserve.server.jit import HAVE_NUMBA, compiled
 from mfserve.server.model_holder import serving_model
 from mfserve.server.pair_kernel import pair_kernel
-from mfserve.server.rank_kernel import RankKernel, rank_kernel
+from mfserve.server.rank_kernel import FULL_SCAN_MAX_USERS, RankKernel, rank_kernel
 from mfserve.server.wire import varint
+from mfserve.training.artifact import ModelArtifact
+from mfserve.training.ranking import RankingTables
 from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.training.synthetic import synthetic_artifact
 from mfserve.v1 import recommender_pb2 as pb
@@ -196,13 +199,44 @@ def test_without_a_cache_location_kernels_still_compile(
 
 
 # ---------------------------------------------------------------------------- the rank kernel
-@pytest.fixture(scope="module", params=[True, False], ids=["rank-head", "rating-head"])
+def _long_tailed(artifact: ModelArtifact, seed: int = 1) -> ModelArtifact:
+    """``artifact`` with item key lengths spread over two orders of magnitude, as trained models
+    have them (popular items get long vectors): the norm bound then prunes most of the scan."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.exp(1.2 * torch.randn(artifact.n_items, 1, generator=generator))
+    tensors = dict(artifact.tensors)
+    for name in ("item_factors", "rank_item_factors"):
+        if name in tensors:
+            tensors[name] = tensors[name] * scale
+    return dataclasses.replace(artifact, tensors=tensors)
+
+
+RANKER_SHAPE = {"n_users": 60, "n_items": 400, "factors": 8, "clusters": 4, "seen_per_user": 5}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(True, False), (False, False), (True, True), (False, True)],
+    ids=["rank-head-full-scan", "rating-head-full-scan", "rank-head-pruned", "rating-head-pruned"],
+)
 def ranker(request: pytest.FixtureRequest) -> tuple[Recommender, RankKernel]:
-    shape = {"n_users": 60, "n_items": 400, "factors": 8, "clusters": 4, "seen_per_user": 5}
-    model = Recommender(synthetic_artifact(**shape, rank_head=request.param))
-    kernel = rank_kernel(model)
-    assert kernel is not None
+    rank_head, pruned = request.param
+    artifact = synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)
+    model = Recommender(_long_tailed(artifact) if pruned else artifact)
+    kernel = RankKernel.build(model, pruned=pruned)
+    assert (kernel.order is not None) == pruned
     return model, kernel
+
+
+def test_the_kernel_prunes_only_where_it_pays() -> None:
+    # Measured at load: long-tailed key lengths (as trained models have them) prune most of a
+    # scan; synthetic clusters in 32 dimensions, all of one length, prune almost nothing.
+    long_tailed = Recommender(_long_tailed(synthetic_artifact(**RANKER_SHAPE)))
+    alike = Recommender(synthetic_artifact(n_users=60, n_items=1000, factors=32, clusters=32))
+    pruning, scanning = rank_kernel(long_tailed), rank_kernel(alike)
+    assert pruning is not None and scanning is not None
+    assert pruning.order is not None and pruning.max_users is None
+    assert scanning.order is None and scanning.max_users == FULL_SCAN_MAX_USERS
 
 
 def test_rank_kernel_matches_the_torch_ranking(ranker: tuple[Recommender, RankKernel]) -> None:
@@ -270,15 +304,83 @@ def test_a_catalogue_past_one_chunk_keeps_the_torch_path() -> None:
 def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
     ranker: tuple[Recommender, RankKernel],
 ) -> None:
-    # Past RANK_KERNEL_MAX_USERS the batch is a GEMM through torch: scores to 1e-5.
+    # With full scans, past FULL_SCAN_MAX_USERS the batch is a GEMM through torch: scores to
+    # 1e-5. The pruned scan takes the whole batch.
     model, _ = ranker
     serving = serving_model(model)
-    payloads = [(user, 5, RankRequest()) for user in range(RANK_KERNEL_MAX_USERS + 4)]
+    payloads = [(user, 5, RankRequest()) for user in range(FULL_SCAN_MAX_USERS + 4)]
     together = top_k_batch(serving, payloads)
     for (items, scores), payload in zip(together, payloads, strict=True):
         [(want_items, want_scores)] = top_k_batch(serving, [payload])
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
         assert len(items) == len(want_items) == 5
+
+
+def test_the_pruned_scan_ranks_exactly_as_the_full_scan_while_visiting_less() -> None:
+    for rank_head in (True, False):
+        model = Recommender(_long_tailed(synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)))
+        pruned = RankKernel.build(model, pruned=True)
+        full = RankKernel.build(model, pruned=False)
+        users = list(range(model.n_users))
+        for k in (1, 10, model.n_items + 50):
+            for seen in ([True] * len(users), [u % 2 == 0 for u in users]):
+                got, scanned = pruned.top_k_scanned(users, k, seen)
+                assert got == full.top_k(users, k, seen)  # exactly: items, order and scores
+        _, scanned = pruned.top_k_scanned(users, 10, [True] * len(users))
+        assert np.mean(scanned) < model.n_items / 4  # the bound stopped most scans early
+
+
+SMALL = st.integers(-3, 3).map(lambda v: v / 2)  # few distinct values: ties are common
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_pruned_and_full_scans_agree_on_any_table(data: Any) -> None:
+    # Exact agreement, ties and all, on tables built to be awkward: tiny and repeated values
+    # (many equal scores), long and short keys, with or without bias and offsets, NaN and inf.
+    n_users = data.draw(st.integers(1, 4))
+    n_items = data.draw(st.integers(1, 40))
+    factors = data.draw(st.integers(1, 6))
+    special = st.sampled_from([float("nan"), float("inf"), -float("inf")])
+    value = st.one_of(SMALL, special) if data.draw(st.booleans()) else SMALL
+
+    def table(rows: int, cols: int) -> np.ndarray:
+        cells = data.draw(st.lists(value, min_size=rows * cols, max_size=rows * cols))
+        return np.array(cells, dtype=np.float32).reshape(rows, cols)
+
+    with np.errstate(invalid="ignore"):  # inf * 0: a NaN key, which is one of the cases
+        keys = table(n_items, factors) * table(n_items, 1).clip(0.5, None) * 4  # lengths vary
+    seen = [
+        sorted(data.draw(st.sets(st.integers(0, n_items - 1), max_size=n_items)))
+        for _ in range(n_users)
+    ]
+    tables = RankingTables(
+        queries=table(n_users, factors),
+        keys=keys,
+        key_bias=table(n_items, 1)[:, 0] if data.draw(st.booleans()) else None,
+        user_offset=table(n_users, 1)[:, 0] if data.draw(st.booleans()) else None,
+        seen_indptr=np.cumsum([0] + [len(s) for s in seen], dtype=np.int64),
+        seen_indices=np.array([i for s in seen for i in s], dtype=np.int64),
+    )
+    full = RankKernel.from_tables(tables, pruned=False)
+    pruned = RankKernel.from_tables(tables, pruned=True)
+    users = data.draw(st.lists(st.integers(0, n_users - 1), min_size=1, max_size=5))
+    exclude = data.draw(st.lists(st.booleans(), min_size=len(users), max_size=len(users)))
+    k = data.draw(st.integers(1, n_items + 2))
+    assert pruned.top_k(users, k, exclude) == full.top_k(users, k, exclude)
+
+
+def test_a_non_finite_key_means_full_scans() -> None:
+    artifact = _long_tailed(synthetic_artifact(**RANKER_SHAPE))
+    tensors = dict(artifact.tensors)
+    broken = tensors["rank_item_factors"].clone()
+    broken[7, 0] = float("nan")
+    tensors["rank_item_factors"] = broken
+    model = Recommender(dataclasses.replace(artifact, tensors=tensors))
+    kernel = RankKernel.build(model, pruned=True)
+    assert kernel.order is None  # no bound holds with a NaN key
+    [(items, _)] = kernel.top_k([3], model.n_items, [False])
+    assert 7 not in items  # its score is NaN: never ranked
 
 
 @settings(max_examples=400, deadline=None)
