@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from server_harness import long_tailed
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
 from mfserve.server.batching import top_k_batch
@@ -20,7 +21,6 @@ from mfserve.server.model_holder import serving_model
 from mfserve.server.pair_kernel import pair_kernel
 from mfserve.server.rank_kernel import FULL_SCAN_MAX_USERS, RankKernel, rank_kernel
 from mfserve.server.wire import varint
-from mfserve.training.artifact import ModelArtifact
 from mfserve.training.ranking import RankingTables
 from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.training.synthetic import synthetic_artifact
@@ -199,18 +199,6 @@ def test_without_a_cache_location_kernels_still_compile(
 
 
 # ---------------------------------------------------------------------------- the rank kernel
-def _long_tailed(artifact: ModelArtifact, seed: int = 1) -> ModelArtifact:
-    """``artifact`` with item key lengths spread over two orders of magnitude, as trained models
-    have them (popular items get long vectors): the norm bound then prunes most of the scan."""
-    generator = torch.Generator().manual_seed(seed)
-    scale = torch.exp(1.2 * torch.randn(artifact.n_items, 1, generator=generator))
-    tensors = dict(artifact.tensors)
-    for name in ("item_factors", "rank_item_factors"):
-        if name in tensors:
-            tensors[name] = tensors[name] * scale
-    return dataclasses.replace(artifact, tensors=tensors)
-
-
 RANKER_SHAPE = {"n_users": 60, "n_items": 400, "factors": 8, "clusters": 4, "seen_per_user": 5}
 
 
@@ -222,7 +210,7 @@ RANKER_SHAPE = {"n_users": 60, "n_items": 400, "factors": 8, "clusters": 4, "see
 def ranker(request: pytest.FixtureRequest) -> tuple[Recommender, RankKernel]:
     rank_head, pruned = request.param
     artifact = synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)
-    model = Recommender(_long_tailed(artifact) if pruned else artifact)
+    model = Recommender(long_tailed(artifact) if pruned else artifact)
     kernel = RankKernel.build(model, pruned=pruned)
     assert (kernel.order is not None) == pruned
     return model, kernel
@@ -231,9 +219,9 @@ def ranker(request: pytest.FixtureRequest) -> tuple[Recommender, RankKernel]:
 def test_the_kernel_prunes_only_where_it_pays() -> None:
     # Measured at load: long-tailed key lengths (as trained models have them) prune most of a
     # scan; synthetic clusters in 32 dimensions, all of one length, prune almost nothing.
-    long_tailed = Recommender(_long_tailed(synthetic_artifact(**RANKER_SHAPE)))
+    lengths_vary = Recommender(long_tailed(synthetic_artifact(**RANKER_SHAPE)))
     alike = Recommender(synthetic_artifact(n_users=60, n_items=1000, factors=32, clusters=32))
-    pruning, scanning = rank_kernel(long_tailed), rank_kernel(alike)
+    pruning, scanning = rank_kernel(lengths_vary), rank_kernel(alike)
     assert pruning is not None and scanning is not None
     assert pruning.order is not None and pruning.max_users is None
     assert scanning.order is None and scanning.max_users == FULL_SCAN_MAX_USERS
@@ -318,7 +306,7 @@ def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
 
 def test_the_pruned_scan_ranks_exactly_as_the_full_scan_while_visiting_less() -> None:
     for rank_head in (True, False):
-        model = Recommender(_long_tailed(synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)))
+        model = Recommender(long_tailed(synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)))
         pruned = RankKernel.build(model, pruned=True)
         full = RankKernel.build(model, pruned=False)
         users = list(range(model.n_users))
@@ -371,7 +359,7 @@ def test_pruned_and_full_scans_agree_on_any_table(data: Any) -> None:
 
 
 def test_a_non_finite_key_means_full_scans() -> None:
-    artifact = _long_tailed(synthetic_artifact(**RANKER_SHAPE))
+    artifact = long_tailed(synthetic_artifact(**RANKER_SHAPE))
     tensors = dict(artifact.tensors)
     broken = tensors["rank_item_factors"].clone()
     broken[7, 0] = float("nan")
