@@ -102,8 +102,8 @@ class ServerConfig:
     # TopK calls the compiled kernel answers with its pruned scan (known user, no allow- or
     # deny-list, a model where pruning pays) are computed on the event loop even while other calls
     # are in flight, instead of being batched on the compute thread. Off by default for the same
-    # reason as predict_on_loop_pairs: such a call costs ~10-30 us on ml-latest-small, the hop
-    # to the compute thread ~70-100 us of CPU per batch on this host (docs/benchmarks.md).
+    # reason as predict_on_loop_pairs: such a call costs ~10-30 us on ml-latest-small, one trip
+    # to the compute thread and back ~100-120 us of CPU here (benchmarks/thread_hop.py).
     top_k_on_loop: bool = False
     # Approximate TopK for known users without an allow-list (SimilarItems and Predict stay
     # exact): "none"; "auto" (an index stored beside the version if there is one); "hnsw" or
