@@ -11,7 +11,7 @@ the longest key vectors, and Cauchy-Schwarz bounds every other item's score:
 ``query . key + bias <= |query| |key| + bias``. So the items are put in order of key norm,
 longest first, with each position's suffix maximum of the bias; a user's scan walks that order,
 keeps the best ``k`` by insertion, and stops as soon as the bound of everything left is below its
-k-th best score. On ml-latest-small a usual query visits ~5% of the catalogue. Where the norms
+k-th best score. On ml-latest-small a usual query visits ~6% of the catalogue. Where the norms
 are all alike (synthetic clustered data: ~95%), the pruned scan loses to a plain one, so
 :meth:`RankKernel.build` measures it on a sample of users and keeps the full, item-major scan
 (each key row scored against every user of the batch while it is in cache) unless pruning pays.
@@ -54,7 +54,7 @@ from mfserve.training.recommender import Recommender
 BOUND_SLACK = 1e-5
 # The pruned scan is used when, measured on the model at load, a usual query visits at most this
 # share of the catalogue: past it, the full scan's item-major order (a batch shares each key row)
-# wins. ml-latest-small visits ~5%; synthetic clustered data, whose key norms are all alike, ~95%.
+# wins. ml-latest-small visits ~6%; synthetic clustered data, whose key norms are all alike, ~95%.
 PRUNED_SCAN_MAX_FRACTION = 0.25
 # With full scans, a GEMM through torch is faster past this many users (benchmarks.compiled_paths:
 # the kernel is ~0.6-0.8x of torch's time alone or for 3 users, 0.8-1.2x for 8).
