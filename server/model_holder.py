@@ -95,6 +95,8 @@ def serving_model(recommender: Recommender, ann: ServingIndex | None = None) -> 
     decoder = batch_decoder(recommender.user_index, recommender.item_index)
     # With an approximate index the index answers known users: no exact kernel to build.
     ranker = rank_kernel(recommender) if ann is None else None
+    if ranker is not None:
+        log.info("mfserve: TopK kernel for %s: %s", describe(recommender), ranker.describe())
     return ServingModel(recommender, ann, decoder, pair_kernel(recommender), ranker)
 
 

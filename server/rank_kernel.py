@@ -39,6 +39,7 @@ know, allow-lists and deny-lists keep the torch path. Without numba :func:`rank_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -258,6 +259,9 @@ class RankKernel:
     user_offsets: np.ndarray  # empty when the head has none
     user_query_norms: np.ndarray  # float64
     order: ScanOrder | None = None  # None: full scans
+    # The share of the catalogue a usual query visited with pruning, measured at build (None:
+    # not measured, the scan was forced or no bound holds).
+    visit_share: float | None = None
 
     @property
     def max_users(self) -> int | None:
@@ -295,7 +299,19 @@ class RankKernel:
         users = np.linspace(0, n_users - 1, min(64, n_users)).astype(np.int64)
         _, scanned = with_order.top_k_scanned(users.tolist(), 10, [True] * len(users))
         share = float(np.mean(scanned)) / n_items
-        return with_order if share <= PRUNED_SCAN_MAX_FRACTION else full
+        chosen = with_order if share <= PRUNED_SCAN_MAX_FRACTION else full
+        return dataclasses.replace(chosen, visit_share=share)
+
+    def describe(self) -> str:
+        """Which scan serves, and why, for the load log."""
+        n_items = self.tables[0].shape[0]
+        if self.visit_share is None:
+            scan = "pruned" if self.order is not None else "full"
+            return f"{scan} scan of {n_items:,} items"
+        measured = f"pruning visits {self.visit_share:.1%} of {n_items:,} items"
+        if self.order is not None:
+            return f"pruned scan ({measured})"
+        return f"full scan ({measured}, above {PRUNED_SCAN_MAX_FRACTION:.0%})"
 
     def top_k(
         self, users: Sequence[int], k: int, exclude_seen: Sequence[bool]

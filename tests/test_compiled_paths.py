@@ -225,6 +225,19 @@ def test_the_kernel_prunes_only_where_it_pays() -> None:
     assert pruning is not None and scanning is not None
     assert pruning.order is not None and pruning.max_users is None
     assert scanning.order is None and scanning.max_users == FULL_SCAN_MAX_USERS
+    assert pruning.visit_share is not None and pruning.visit_share <= 0.25
+    assert scanning.visit_share is not None and scanning.visit_share > 0.25
+    assert pruning.describe().startswith("pruned scan (pruning visits ")
+    assert scanning.describe().startswith("full scan (pruning visits ")
+
+
+def test_the_load_log_says_which_scan_serves(caplog: pytest.LogCaptureFixture) -> None:
+    model = Recommender(long_tailed(synthetic_artifact(**RANKER_SHAPE)))
+    with caplog.at_level("INFO", logger="mfserve.server"):
+        serving = serving_model(model)
+    assert serving.rank_kernel is not None
+    assert f"TopK kernel for unnamed v0: {serving.rank_kernel.describe()}" in caplog.text
+    assert "of 400 items" in caplog.text
 
 
 def test_rank_kernel_matches_the_torch_ranking(ranker: tuple[Recommender, RankKernel]) -> None:
