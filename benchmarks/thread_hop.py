@@ -10,7 +10,7 @@ one trip at a time on an otherwise idle process, two ways:
 
 Reports the median over ``--rounds`` of the wall time and the process CPU time (both threads,
 user + system) per trip. On a small VM most of it is the kernel's thread wake-ups, which is
-why ``--predict-on-loop-pairs`` and ``--topk-on-loop`` exist for calls cheaper than the trip.
+why ``--predict-on-loop-pairs`` exists for calls cheaper than the trip.
 
     python -m benchmarks.thread_hop [--trips 20000] [--rounds 5]
 """

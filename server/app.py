@@ -99,12 +99,6 @@ class ServerConfig:
     # promises for throughput: with the kernel a pair costs ~25 ns and batching saves nothing,
     # but the hop to the compute thread costs ~0.2-0.3 ms; measured in docs/benchmarks.md.
     predict_on_loop_pairs: int = 0
-    # TopK calls the compiled kernel answers with its pruned scan (known user, no allow- or
-    # deny-list, a model where pruning pays) are computed on the event loop even while other calls
-    # are in flight, instead of being batched on the compute thread. Off by default for the same
-    # reason as predict_on_loop_pairs: such a call costs ~10-30 us on ml-latest-small, one trip
-    # to the compute thread and back ~100-120 us of CPU here (benchmarks/thread_hop.py).
-    top_k_on_loop: bool = False
     # Approximate TopK for known users without an allow-list (SimilarItems and Predict stay
     # exact): "none"; "auto" (an index stored beside the version if there is one); "hnsw" or
     # "ivf" (that index is required: a version without it fails to load).
@@ -183,7 +177,6 @@ class RecommenderServer:
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.max_queue_delay_us,
             predict_on_loop_pairs=config.predict_on_loop_pairs,
-            top_k_on_loop=config.top_k_on_loop,
         )
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None

@@ -436,13 +436,6 @@ def top_k_cost(model: ServingModel, payload: RankPayload) -> int:
     return rank_cost(model.recommender, payload)
 
 
-def pruned_top_k(model: ServingModel, payload: RankPayload) -> bool:
-    """Whether the rank kernel's pruned scan answers this call (``ServerConfig.top_k_on_loop``
-    computes such calls on the event loop: ~10-30 us each on ml-latest-small, GIL released)."""
-    kernel = model.rank_kernel
-    return kernel is not None and kernel.order is not None and _plain(payload)
-
-
 def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[RankedRow]:
     """Exact top-k, or with an index ``AnnIndex.top_k`` (which answers unknown users and
     allow-lists exactly itself)."""

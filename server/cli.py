@@ -170,13 +170,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         f"more throughput, no coalescing; at most {MAX_PREDICT_ON_LOOP_PAIRS} (default: 0, off)",
     )
     parser.add_argument(
-        "--topk-on-loop",
-        action="store_true",
-        help="compute TopK calls that the compiled kernel's pruned scan answers (known user, no "
-        "allow- or deny-list) on the event loop even under load instead of batching them on the "
-        "compute thread: more throughput, no coalescing (default: off)",
-    )
-    parser.add_argument(
         "--ann",
         default=DEFAULT_ANN,
         choices=ANN_MODES,
@@ -273,7 +266,6 @@ def run_serve(args: argparse.Namespace) -> int:
             torch_threads=args.torch_threads,
             lone_torch_threads=args.lone_torch_threads,
             predict_on_loop_pairs=args.predict_on_loop_pairs,
-            top_k_on_loop=args.topk_on_loop,
             ann=args.ann,
             ann_ef_search=args.ann_ef_search,
             ann_nprobe=args.ann_nprobe,

@@ -44,7 +44,6 @@ from mfserve.server.batching import (
     predict_batch,
     predict_cost,
     predict_rows,
-    pruned_top_k,
     rank_cost,
     similar_batch,
     top_k_batch,
@@ -136,7 +135,6 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
         predict_on_loop_pairs: int = 0,
-        top_k_on_loop: bool = False,
     ) -> None:
         self.holder = holder
         self.max_batch_pairs = max_batch_pairs
@@ -166,11 +164,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         rank_options = {**options, "inline_limit": INLINE_RANK_SCORES}
         # TopK batches are computed over a ServingModel: exact, or through its approximate index.
         self.top_k_batcher: Batcher[RankPayload, RankedRow] = Batcher(
-            "top_k",
-            top_k_batch,
-            cost=top_k_cost,
-            inline_under_load=pruned_top_k if top_k_on_loop else None,
-            **rank_options,
+            "top_k", top_k_batch, cost=top_k_cost, **rank_options
         )
         self.similar_batcher: Batcher[RankPayload, RankedRow] = Batcher(
             "similar_items", similar_batch, cost=rank_cost, **rank_options

@@ -83,7 +83,6 @@ def test_defaults_match_server_config() -> None:
     assert args.torch_threads == defaults.torch_threads
     assert args.lone_torch_threads == defaults.lone_torch_threads
     assert args.predict_on_loop_pairs == defaults.predict_on_loop_pairs == 0
-    assert args.topk_on_loop is defaults.top_k_on_loop is False
     assert args.ann == defaults.ann
     assert args.ann_ef_search == defaults.ann_ef_search
     assert args.ann_nprobe == defaults.ann_nprobe
@@ -108,7 +107,6 @@ def test_defaults_match_server_config() -> None:
         "torch_threads",
         "lone_torch_threads",
         "predict_on_loop_pairs",
-        "top_k_on_loop",
         "ann",
         "ann_ef_search",
         "ann_nprobe",

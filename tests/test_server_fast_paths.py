@@ -1,6 +1,6 @@
-"""The compiled paths through a real server: BatchPredict's gives the same answers as the
-protobuf path, bytes that are not a request get a clear error, and the opt-ins compute predict
-and TopK calls on the event loop under load."""
+"""BatchPredict's compiled path through a real server: the same answers as the protobuf path,
+a clear error for bytes that are not a request, and the opt-in that computes predict calls on
+the event loop under load."""
 
 from __future__ import annotations
 
@@ -11,17 +11,12 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
-from server_harness import SYNTHETIC_SHAPE, long_tailed, make_model_dir, running_server_handle
+from server_harness import make_model_dir, running_server_handle
 
 from mfserve.server.app import ServerConfig
-from mfserve.server.batching import INLINE_PREDICT_PAIRS, Batcher, pruned_top_k
+from mfserve.server.batching import INLINE_PREDICT_PAIRS, Batcher
 from mfserve.server.cli import MAX_PREDICT_ON_LOOP_PAIRS
 from mfserve.server.jit import HAVE_NUMBA
-from mfserve.server.model_holder import serving_model
-from mfserve.training.artifact import save_artifact
-from mfserve.training.recommender import RankRequest, Recommender
-from mfserve.training.synthetic import synthetic_artifact
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -90,45 +85,6 @@ def test_predict_on_loop_computes_concurrent_calls_on_the_loop(model_dir: Path) 
     assert on_loop == batched
     # Every call computed on the loop (inline), none handed to the compute thread.
     assert stats.inline == stats.batches == stats.calls == len(requests)
-
-
-@pytest.mark.skipif(not HAVE_NUMBA, reason="the opt-in needs the compiled kernel")
-def test_top_k_on_loop_computes_concurrent_calls_on_the_loop(tmp_path: Path) -> None:
-    version = save_artifact(
-        tmp_path / "long-tailed", long_tailed(synthetic_artifact(**SYNTHETIC_SHAPE))
-    )
-    requests = [pb.TopKRequest(user_id=f"u{n}", k=5) for n in range(40)]
-
-    def answers(**config: Any) -> tuple[list[Any], Any]:
-        with (
-            running_server_handle(version, **config) as handle,
-            grpc.insecure_channel(handle.address) as channel,
-            ThreadPoolExecutor(8) as pool,
-        ):
-            kernel = handle.server.holder.serving.rank_kernel
-            assert kernel is not None and kernel.order is not None  # the pruned scan
-            stub = pb_grpc.RecommenderServiceStub(channel)
-            got = list(pool.map(lambda r: list(stub.TopK(r, timeout=30).items), requests))
-            return got, handle.server.service.top_k_batcher.stats
-
-    batched, _ = answers()
-    on_loop, stats = answers(top_k_on_loop=True)
-    assert on_loop == batched
-    assert stats.inline == stats.batches == stats.calls == len(requests)
-
-
-@pytest.mark.skipif(not HAVE_NUMBA, reason="the opt-in needs the compiled kernel")
-def test_top_k_on_loop_takes_only_what_the_pruned_scan_answers() -> None:
-    pruning = serving_model(Recommender(long_tailed(synthetic_artifact(**SYNTHETIC_SHAPE))))
-    scanning = serving_model(
-        Recommender(synthetic_artifact(n_users=60, n_items=1000, factors=32, clusters=32))
-    )
-    assert pruned_top_k(pruning, (3, 10, RankRequest()))
-    assert pruned_top_k(pruning, (3, 10, RankRequest(exclude_seen=False)))
-    assert not pruned_top_k(pruning, (-1, 10, RankRequest()))  # unknown user: popularity
-    assert not pruned_top_k(pruning, (3, 10, RankRequest(exclude=torch.tensor([1]))))
-    assert not pruned_top_k(pruning, (3, 10, RankRequest(candidates=torch.tensor([1, 2]))))
-    assert not pruned_top_k(scanning, (3, 10, RankRequest()))  # full scans stay batched
 
 
 def test_predict_on_loop_is_bounded_by_the_inline_limit() -> None:
