@@ -203,23 +203,6 @@ def make_model_dir(root: str | os.PathLike[str], name: str = "synthetic", **shap
     return save_artifact(Path(root) / name, synthetic_artifact(**{**SYNTHETIC_SHAPE, **shape}))
 
 
-def long_tailed(artifact: Any, seed: int = 1) -> Any:
-    """``artifact`` with item key lengths spread over two orders of magnitude, as trained models
-    have them (popular items get long vectors), so the rank kernel's norm bound prunes most of a
-    TopK scan; synthetic clusters alone have keys of one length."""
-    import dataclasses
-
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    scale = torch.exp(1.2 * torch.randn(artifact.n_items, 1, generator=generator))
-    tensors = dict(artifact.tensors)
-    for name in ("item_factors", "rank_item_factors"):
-        if name in tensors:
-            tensors[name] = tensors[name] * scale
-    return dataclasses.replace(artifact, tensors=tensors)
-
-
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> bool:
     """Poll ``predicate()`` until true or ``timeout`` (for state changes, not timing asserts)."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_harness import long_tailed
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
 from mfserve.server.batching import top_k_batch
@@ -199,6 +198,19 @@ def test_without_a_cache_location_kernels_still_compile(
 
 
 # ---------------------------------------------------------------------------- the rank kernel
+def long_tailed(artifact: Any, seed: int = 1) -> Any:
+    """``artifact`` with item key lengths spread over two orders of magnitude, as trained models
+    have them (popular items get long vectors), so the rank kernel's norm bound prunes most of a
+    TopK scan; synthetic clusters alone have keys of one length."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.exp(1.2 * torch.randn(artifact.n_items, 1, generator=generator))
+    tensors = dict(artifact.tensors)
+    for name in ("item_factors", "rank_item_factors"):
+        if name in tensors:
+            tensors[name] = tensors[name] * scale
+    return dataclasses.replace(artifact, tensors=tensors)
+
+
 RANKER_SHAPE = {"n_users": 60, "n_items": 400, "factors": 8, "clusters": 4, "seen_per_user": 5}
 
 
