@@ -61,8 +61,7 @@ class ServingIndex:
         self, recommender: Recommender, users: torch.Tensor, k: int, requests: Sequence[RankRequest]
     ) -> list[tuple[list[int], list[float]]]:
         """``AnnIndex.top_k`` (unknown users and allow-lists exact) as Python lists."""
-        answers = self.index.top_k(recommender, users, k, requests, **self.search)
-        return [(rows.tolist(), scores.tolist()) for rows, scores in answers]
+        return self.index.top_k_lists(recommender, users, k, requests, **self.search)
 
 
 @dataclass(frozen=True, eq=False)

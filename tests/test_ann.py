@@ -101,6 +101,42 @@ def test_seen_items_and_deny_list_are_excluded(recommender: Recommender) -> None
     assert hits / 200 >= 0.9
 
 
+def test_lists_match_tensors_and_the_filtered_over_fetch(recommender: Recommender) -> None:
+    # A small ef_search keeps the answers approximate, so they pin the index's own order: each
+    # known user's answer is faiss's answer for k + the batch's widest exclusion, with the
+    # excluded rows dropped, cut to k; the server's list path and the tensor API agree on it.
+    index = build_index(recommender.artifact, "hnsw", m=8, ef_search=16)
+    users = torch.tensor([0, 1, 2, -1, 4, 5])
+    deny = torch.tensor([7, 11, 13])
+    requests = [
+        RankRequest(exclude_seen=True),
+        RankRequest(exclude_seen=False),
+        RankRequest(exclude_seen=False, exclude=deny),
+        RankRequest(),  # unknown user: the exact popularity answer
+        RankRequest(candidates=torch.tensor([3, 9, 27])),  # allow-list: exact
+        RankRequest(exclude_seen=True, exclude=deny),
+    ]
+    k = 7
+    lists = index.top_k_lists(recommender, users, k, requests)
+    tensors = index.top_k(recommender, users, k, requests)
+    assert [(rows.tolist(), scores.tolist()) for rows, scores in tensors] == lists
+    banned = {
+        b: (recommender.seen_items(int(users[b])).tolist() if requests[b].exclude_seen else [])
+        + (deny.tolist() if requests[b].exclude is not None else [])
+        for b in (0, 1, 2, 5)
+    }
+    fetch = k + max(len(rows) for rows in banned.values())
+    queries = ranking_tables(recommender.artifact).user_query
+    for b, skip in banned.items():
+        scores, rows = index.index.search(queries[int(users[b])][None].numpy(), fetch)
+        found = zip(rows[0].tolist(), scores[0].tolist(), strict=True)
+        kept = [(row, score) for row, score in found if row >= 0 and row not in skip][:k]
+        assert lists[b] == ([row for row, _ in kept], [score for _, score in kept])
+    for b in (3, 4):
+        [(rows, scores)] = recommender.top_k(users[b : b + 1], k, [requests[b]])
+        assert lists[b] == (rows.tolist(), scores.tolist())
+
+
 def test_unknown_users_and_allow_lists_fall_back_to_exact(recommender: Recommender) -> None:
     index = build_index(recommender.artifact, "hnsw", m=8)
     users = torch.tensor([-1, 3])

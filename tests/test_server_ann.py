@@ -75,26 +75,26 @@ def stub(handle: Any) -> Iterator[Any]:
 
 
 class Spy:
-    """Counts the users the served index answers (its ``top_k``, wrapped on the instance)."""
+    """Counts the users the served index answers (its ``top_k_lists``, wrapped on the instance)."""
 
     def __init__(self, handle: Any) -> None:
         serving = handle.server.holder.serving
         assert serving is not None and serving.ann is not None
         self.index = serving.ann.index
         self.users = 0
-        original = self.index.top_k
+        original = self.index.top_k_lists
 
         def counted(recommender: Any, users: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.users += len(users)
             return original(recommender, users, *args, **kwargs)
 
-        self.index.top_k = counted
+        self.index.top_k_lists = counted
 
     def __enter__(self) -> Spy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.index.top_k  # the class's method again
+        del self.index.top_k_lists  # the class's method again
 
 
 def exact(rec: Recommender, row: int, k: int, **options: Any) -> tuple[list[str], list[float]]:

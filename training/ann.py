@@ -123,6 +123,9 @@ class AnnIndex:
     model_sha256: str
     index_sha256: str = ""  # set by save() and load_index()
     extra: dict[str, Any] = field(default_factory=dict)
+    _params_cache: dict[tuple[int, int], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def augmented(self) -> bool:
@@ -134,10 +137,33 @@ class AnnIndex:
 
     def _search_params(self, ef_search: int | None, nprobe: int | None) -> Any:
         # Per-call parameters rather than mutating the index: safe when threads share one index.
-        faiss = _faiss()
-        if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=ef_search or self.params["ef_search"])
-        return faiss.SearchParametersIVF(nprobe=nprobe or self.params["nprobe"])
+        # Built once per setting: making the SWIG object costs more than a small search's Python.
+        key = (ef_search or 0, nprobe or 0)
+        params = self._params_cache.get(key)
+        if params is None:
+            faiss = _faiss()
+            if self.kind == "hnsw":
+                params = faiss.SearchParametersHNSW(efSearch=ef_search or self.params["ef_search"])
+            else:
+                params = faiss.SearchParametersIVF(nprobe=nprobe or self.params["nprobe"])
+            self._params_cache[key] = params
+        return params
+
+    def _raw_search(
+        self, queries: np.ndarray, fetch: int, ef_search: int | None, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's answer for un-augmented queries [B, d]: float32 scores and int64 rows [B, fetch],
+        rows -1 where the index found fewer. numpy throughout: a lone query's bookkeeping in torch
+        cost more than the search itself (measured on 1M x 64, docs/benchmarks.md)."""
+        batch, dim = queries.shape
+        if self.augmented:
+            x = np.empty((batch, dim + 1), dtype=np.float32)
+            x[:, :dim] = queries
+            x[:, dim] = 1.0
+        else:
+            x = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, rows = self.index.search(x, fetch, params=self._search_params(ef_search, nprobe))
+        return scores, rows
 
     def search(
         self,
@@ -156,35 +182,26 @@ class AnnIndex:
         """
         batch = queries.shape[0]
         k = max(0, min(k, self.n_items))
-        excluded = [
-            e if e is not None and e.numel() else None
+        banned = [
+            e.tolist() if e is not None and e.numel() else None
             for e in (exclude if exclude is not None else [None] * batch)
         ]
-        widest = max((e.numel() for e in excluded if e is not None), default=0)
-        fetch = min(k + widest, self.n_items)
-        x = queries.to(torch.float32)
-        if self.augmented:
-            x = torch.cat([x, torch.ones(batch, 1)], dim=1)
         if batch == 0 or k == 0:
             return torch.empty(batch, k), torch.empty(batch, k, dtype=torch.int64)
-        dist, rows = self.index.search(
-            np.ascontiguousarray(x.numpy()), fetch, params=self._search_params(ef_search, nprobe)
-        )
-        scores_all = torch.from_numpy(dist)
-        rows_all = torch.from_numpy(rows)
-        if widest == 0 and fetch == k:
-            scores_all = scores_all.masked_fill(rows_all < 0, -torch.inf)
-            return scores_all, rows_all
+        widest = max((len(b) for b in banned if b is not None), default=0)
+        fetch = min(k + widest, self.n_items)
+        scores, rows = self._raw_search(queries.to(torch.float32).numpy(), fetch, ef_search, nprobe)
+        if widest == 0 and fetch == k:  # nothing to filter: faiss's arrays are the answer
+            found = torch.from_numpy(rows)
+            return torch.from_numpy(scores).masked_fill(found < 0, -torch.inf), found
         out_scores = torch.full((batch, k), -torch.inf)
         out_rows = torch.full((batch, k), -1, dtype=torch.int64)
-        for b in range(batch):
-            keep = rows_all[b] >= 0
-            banned = excluded[b]
-            if banned is not None:
-                keep &= ~torch.isin(rows_all[b], banned)
-            kept_rows = rows_all[b][keep][:k]
-            out_rows[b, : kept_rows.numel()] = kept_rows
-            out_scores[b, : kept_rows.numel()] = scores_all[b][keep][:k]
+        for b, (row_items, row_scores) in enumerate(
+            zip(rows.tolist(), scores.tolist(), strict=True)
+        ):
+            items, kept = _eligible(row_items, row_scores, banned[b], k)
+            out_rows[b, : len(items)] = torch.tensor(items, dtype=torch.int64)
+            out_scores[b, : len(items)] = torch.tensor(kept, dtype=torch.float32)
         return out_scores, out_rows
 
     def top_k(
@@ -200,36 +217,62 @@ class AnnIndex:
         Unknown users (popularity answer) and allow-lists (a handful of candidates, exact is
         cheaper) are answered exactly by ``recommender``.
         """
+        return [
+            (torch.tensor(items, dtype=torch.int64), torch.tensor(scores, dtype=torch.float32))
+            for items, scores in self.top_k_lists(recommender, users, k, requests, **search_params)
+        ]
+
+    def top_k_lists(
+        self,
+        recommender: Recommender,
+        users: torch.Tensor,
+        k: int,
+        requests: Sequence[RankRequest] | None = None,
+        **search_params: int,
+    ) -> list[tuple[list[int], list[float]]]:
+        """:meth:`top_k` as Python lists (the server's path: it writes lists anyway)."""
         if recommender.n_items != self.n_items:
             raise AnnError(
                 f"index of {self.n_items} items used with a model of {recommender.n_items}"
             )
-        reqs = list(requests) if requests is not None else [RankRequest()] * len(users)
-        results: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.empty(0, dtype=torch.int64), torch.empty(0))
-        ] * len(reqs)
-        exact = [b for b in range(len(reqs)) if int(users[b]) < 0 or reqs[b].candidates is not None]
+        user_rows: list[int] = users.tolist()
+        reqs = list(requests) if requests is not None else [RankRequest()] * len(user_rows)
+        results: list[tuple[list[int], list[float]]] = [([], [])] * len(reqs)
+        exact = [b for b, row in enumerate(user_rows) if row < 0 or reqs[b].candidates is not None]
         if exact:
-            answers = recommender.top_k(users[exact], k, [reqs[b] for b in exact])
+            answers = recommender.top_k_lists(users[exact], k, [reqs[b] for b in exact])
             for b, answer in zip(exact, answers, strict=True):
                 results[b] = answer
         exact_set = set(exact)
         approx = [b for b in range(len(reqs)) if b not in exact_set]
-        if approx:
-            rows = users[approx]
-            excludes: list[torch.Tensor | None] = []
-            for b, row in zip(approx, rows.tolist(), strict=True):
-                parts = [recommender.seen_items(row)] if reqs[b].exclude_seen else []
-                if reqs[b].exclude is not None:
-                    parts.append(reqs[b].exclude)
-                excludes.append(torch.cat(parts) if parts else None)
-            scores, items = self.search(
-                self.tables.user_query[rows], k, exclude=excludes, **search_params
-            )
-            scores = scores + self.tables.user_offset[rows].unsqueeze(1)
-            for pos, b in enumerate(approx):
-                valid = items[pos] >= 0
-                results[b] = (items[pos][valid], scores[pos][valid])
+        k = max(0, min(k, self.n_items))
+        if not approx or k == 0:
+            return results
+        tables = recommender.ranking_tables()
+        indptr, seen = tables.seen_indptr, tables.seen_indices
+        banned: list[list[int] | None] = []
+        for b in approx:
+            row, request = user_rows[b], reqs[b]
+            parts: list[int] = []
+            if request.exclude_seen:
+                parts += seen[indptr[row] : indptr[row + 1]].tolist()
+            if request.exclude is not None:
+                parts += request.exclude.tolist()
+            banned.append(parts or None)
+        # The fetch counts duplicates, as it always has, so an answer never depends on this code.
+        widest = max((len(b) for b in banned if b is not None), default=0)
+        rows = np.array([user_rows[b] for b in approx], dtype=np.int64)
+        scores, found = self._raw_search(
+            self.tables.user_query.numpy()[rows],
+            min(k + widest, self.n_items),
+            search_params.get("ef_search"),
+            search_params.get("nprobe"),
+        )
+        scores += self.tables.user_offset.numpy()[rows][:, None]  # float32, as torch added it
+        for pos, (b, found_rows, found_scores) in enumerate(
+            zip(approx, found.tolist(), scores.tolist(), strict=True)
+        ):
+            results[b] = _eligible(found_rows, found_scores, banned[pos], k)
         return results
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -271,6 +314,24 @@ class AnnIndex:
         tmp_json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp_json, sidecar)
         return sidecar
+
+
+def _eligible(
+    rows: list[int], scores: list[float], banned: list[int] | None, k: int
+) -> tuple[list[int], list[float]]:
+    """The first ``k`` of an index's answer that are real rows (not -1 padding) and not banned."""
+    if banned is None and len(rows) == k and -1 not in rows:
+        return rows, scores  # the usual answer: nothing to drop
+    skip = set(banned) if banned is not None else set()
+    items: list[int] = []
+    kept: list[float] = []
+    for row, score in zip(rows, scores, strict=True):
+        if row >= 0 and row not in skip:
+            items.append(row)
+            kept.append(score)
+            if len(items) == k:
+                break
+    return items, kept
 
 
 def build_index(
