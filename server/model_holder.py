@@ -60,8 +60,11 @@ class ServingIndex:
     def top_k_lists(
         self, recommender: Recommender, users: torch.Tensor, k: int, requests: Sequence[RankRequest]
     ) -> list[tuple[list[int], list[float]]]:
-        """``AnnIndex.top_k`` (unknown users and allow-lists exact) as Python lists."""
-        return self.index.top_k_lists(recommender, users, k, requests, **self.search)
+        """``AnnIndex.top_k_lists``: unknown users and allow-lists exact, the rest by the index."""
+        ranked: list[tuple[list[int], list[float]]] = self.index.top_k_lists(
+            recommender, users, k, requests, **self.search
+        )
+        return ranked
 
 
 @dataclass(frozen=True, eq=False)
