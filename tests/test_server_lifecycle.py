@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from server_harness import (
 )
 
 from mfserve.server.app import BindError, ServerConfig, create_server
+from mfserve.server.gc_pauses import GcPauses
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -257,3 +260,21 @@ def test_sigterm_on_the_subprocess_exits_0(model_dir: Path) -> None:
         assert server.terminate() == 0
     assert "shutting down (grace 2.0s)" in server.log
     assert "mfserve: stopped" in server.log
+    # serve() froze what loading made, so collections while serving never walk it.
+    frozen = re.search(
+        r"garbage collection while serving: young \d+ .*; ([\d,]+) objects frozen", server.log
+    )
+    assert frozen is not None and int(frozen.group(1).replace(",", "")) > 10_000
+
+
+def test_gc_pauses_counts_collections_per_generation() -> None:
+    with GcPauses() as pauses:
+        gc.collect(0)
+        gc.collect(2)
+    assert pauses.collections[0] >= 1 and pauses.collections[2] >= 1
+    assert all(seconds >= 0 for seconds in pauses.seconds)
+    counted = list(pauses.collections)
+    gc.collect(1)  # after the context: no longer counted
+    assert pauses.collections == counted
+    pattern = r"young \d+ \([\d.]+ ms\), middle \d+ \([\d.]+ ms\), full \d+ \([\d.]+ ms\); [\d,]+ objects frozen"
+    assert re.fullmatch(pattern, pauses.summary())
