@@ -41,6 +41,12 @@ from mfserve.server.gc_pauses import GcPauses
 from mfserve.server.interceptors import AccessLogInterceptor
 from mfserve.server.model_holder import ANN_MODES, ModelHolder, ModelSource, describe
 from mfserve.server.service import SERVICE_NAME, RecommenderService, add_to_server
+from mfserve.server.threads import (
+    current_torch_threads,
+    init_compute_thread,
+    set_faiss_threads,
+    set_torch_threads,
+)
 from mfserve.training.recommender import Recommender
 
 log = logging.getLogger("mfserve.server")
@@ -163,10 +169,10 @@ class RecommenderServer:
             ThreadPoolExecutor(
                 max_workers=config.compute_threads,
                 thread_name_prefix="mfserve-compute",
-                initializer=_init_compute_thread,
+                initializer=init_compute_thread,
                 # The count serve() (or a worker) set for this process, read now: start() gives
                 # the loop thread its own count, and a thread started later must not take that.
-                initargs=(config.ann != "none", _torch_threads()),
+                initargs=(config.ann != "none", current_torch_threads()),
             )
             if config.compute_threads
             else None
@@ -304,40 +310,12 @@ class RecommenderServer:
             asyncio.run_coroutine_threadsafe(self._publish_health(), loop)
 
 
-def _init_compute_thread(ann: bool, torch_threads: int) -> None:
-    # OpenMP keeps the thread count per thread: without this, a compute thread starts at one per
-    # core, and a lone TopK on it spins up (and spins on) a team of OpenMP threads (measured 7 ms
-    # instead of 0.3 ms per call on a busy 2-core host).
-    set_torch_threads(torch_threads)
-    if ann:
-        set_faiss_threads(1)
-
-
 def lone_torch_threads(config: ServerConfig) -> int:
     """Torch threads for the event loop's lone calls (0: leave them at ``torch_threads``)."""
     if not config.compute_threads or not config.lone_torch_threads:
         return 0  # with compute_threads 0 every batch runs on the loop, under load too
     share = max(1, (os.cpu_count() or 1) // max(1, config.workers))
     return min(config.lone_torch_threads, share)
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def set_faiss_threads(threads: int) -> None:
-    """faiss's OpenMP threads for the calling thread (OpenMP keeps the count per thread).
-
-    One: a serving process is one core's worth of event loop, and a team of OpenMP threads spinning
-    beside it on a small host steals the cores the loops need (parallelism comes from --workers).
-    """
-    try:
-        import faiss
-    except ImportError:  # no index can have been loaded without it
-        return
-    faiss.omp_set_num_threads(threads)
 
 
 def create_server(
@@ -391,19 +369,6 @@ async def run_until_signal(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0
-
-
-def set_torch_threads(threads: int) -> None:
-    """Set the calling thread's torch intra-op threads (and the default of threads started later;
-    0 keeps torch's default)."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-        # torch initialises each thread's OpenMP count lazily, from the last value set by any
-        # thread: without this read, another thread setting its own count before this thread's
-        # first parallel op would silently overwrite this one.
-        torch.get_num_threads()
 
 
 def serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> int:

@@ -36,14 +36,9 @@ import time
 from dataclasses import replace
 from types import FrameType
 
-from mfserve.server.app import (
-    BindError,
-    ServerConfig,
-    create_server,
-    run_until_signal,
-    set_torch_threads,
-)
+from mfserve.server.app import BindError, ServerConfig, create_server, run_until_signal
 from mfserve.server.model_holder import ModelHolder, ServingModel, describe
+from mfserve.server.threads import set_torch_threads
 
 log = logging.getLogger("mfserve.server")
 
