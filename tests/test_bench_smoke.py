@@ -39,7 +39,7 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     assert all("| 1.00x |" in r for r in rows if r.startswith("| empty "))
 
 
-def test_the_table_carries_the_servers_batching_log() -> None:
+def test_the_table_carries_the_servers_shutdown_log() -> None:
     from mfserve.server.bench.cells import Cell, render_markdown
 
     cells = [Cell("mfserve", "topk", 64, calls=10, qps=5.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0)]
@@ -65,6 +65,20 @@ def test_rounds_report_medians_and_the_ratio_range(tmp_path: Path) -> None:
     ratio = naive.split("|")[10].strip()  # "0.83x (0.80-0.86)"
     low, high = (float(x) for x in ratio.split("(")[1].rstrip(")").split("-"))
     assert low <= float(ratio.split("x")[0]) <= high
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_the_table_ends_with_mfserves_shutdown_log(tmp_path: Path) -> None:
+    markdown = tmp_path / "bench.md"
+    short = ["--quick", "--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
+    model = ["--users", "50", "--items", "2000", "--factors", "16"]
+    servers = ["--servers", "empty,mfserve", "--rpcs", "topk", "--concurrency", "1"]
+    assert main(["bench", *short, *model, *servers, "--markdown", str(markdown)]) == 0
+    log = markdown.read_text().split("Server log at shutdown")[1]
+    assert "mfserve: batching top_k: " in log
+    assert "mfserve: garbage collection while serving: young " in log
+    assert "objects frozen" in log
 
 
 def test_combine_takes_medians_and_per_round_ratios() -> None:

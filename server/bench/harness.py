@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: server RSS {server.rss_mb():.0f} MB", file=sys.stderr)
                 clients.close()
                 server.stop()
-                server_logs += [f"{name}: {line}" for line in server.batching_log()]
+                server_logs += [f"{name}: {line}" for line in server.shutdown_log()]
     cells = combine(rounds)
     load = (load_before, os.getloadavg()[0])
     text = render_markdown(cells, machine_info(), command, model, load, server_logs)

@@ -117,9 +117,15 @@ class RunningServer:
         for drain in self._drains:  # the last lines (the shutdown log) are read before we return
             drain.join(timeout=5)
 
-    def batching_log(self) -> list[str]:
-        """mfserve's shutdown lines about its batches (after :meth:`stop`); none for baselines."""
-        return [line[line.index("batching") :] for line in self.tail if "mfserve: batching" in line]
+    def shutdown_log(self) -> list[str]:
+        """mfserve's shutdown lines about its batches and garbage collections (after
+        :meth:`stop`); none for baselines."""
+        wanted = ("mfserve: batching", "mfserve: garbage collection")
+        return [
+            line[line.index("mfserve: ") + len("mfserve: ") :]
+            for line in self.tail
+            if any(prefix in line for prefix in wanted)
+        ]
 
 
 class ClientPool:
