@@ -12,18 +12,24 @@ import pytest
 
 from mfserve.client._cli import main
 
+SHORT = ["--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
+TINY_MODEL = ["--users", "50", "--items", "2000", "--factors", "16"]
+
+
+def bench_table(tmp_path: Path, *args: str) -> str:
+    """``mfserve bench`` on a tiny synthetic model with short cells; its markdown table."""
+    markdown = tmp_path / "bench.md"
+    assert main(["bench", *args, *SHORT, *TINY_MODEL, "--markdown", str(markdown)]) == 0
+    return markdown.read_text()
+
 
 @pytest.mark.bench
 @pytest.mark.timeout(180)
 def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     """Through the real ``mfserve bench`` command, as a user would run it."""
-    markdown = tmp_path / "bench.md"
-    short = ["--quick", "--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
-    model = ["--users", "50", "--items", "2000", "--factors", "16"]
-    servers = ["--servers", "empty,empty-hop,naive", "--concurrency", "1,2"]
-    code = main(["bench", *short, *model, *servers, "--markdown", str(markdown)])
-    assert code == 0
-    text = markdown.read_text()
+    text = bench_table(
+        tmp_path, "--quick", "--servers", "empty,empty-hop,naive", "--concurrency", "1,2"
+    )
     assert "| server | rpc | concurrency | QPS | pairs/s | p50 ms |" in text
     assert "Command: `mfserve bench --quick" in text
     assert "grpcio" in text and "torch" in text
@@ -54,12 +60,8 @@ def test_the_table_carries_the_servers_shutdown_log() -> None:
 @pytest.mark.bench
 @pytest.mark.timeout(180)
 def test_rounds_report_medians_and_the_ratio_range(tmp_path: Path) -> None:
-    markdown = tmp_path / "bench.md"
-    short = ["--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3", "--rounds", "2"]
-    model = ["--users", "50", "--items", "2000", "--factors", "16"]
     servers = ["--servers", "empty,naive", "--rpcs", "topk", "--concurrency", "1"]
-    assert main(["bench", *short, *model, *servers, "--markdown", str(markdown)]) == 0
-    text = markdown.read_text()
+    text = bench_table(tmp_path, "--rounds", "2", *servers)
     assert "median over 2 rounds" in text
     naive = next(line for line in text.splitlines() if line.startswith("| naive | TopK | 1 |"))
     ratio = naive.split("|")[10].strip()  # "0.83x (0.80-0.86)"
@@ -70,12 +72,8 @@ def test_rounds_report_medians_and_the_ratio_range(tmp_path: Path) -> None:
 @pytest.mark.bench
 @pytest.mark.timeout(180)
 def test_the_table_ends_with_mfserves_shutdown_log(tmp_path: Path) -> None:
-    markdown = tmp_path / "bench.md"
-    short = ["--quick", "--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
-    model = ["--users", "50", "--items", "2000", "--factors", "16"]
     servers = ["--servers", "empty,mfserve", "--rpcs", "topk", "--concurrency", "1"]
-    assert main(["bench", *short, *model, *servers, "--markdown", str(markdown)]) == 0
-    log = markdown.read_text().split("Server log at shutdown")[1]
+    log = bench_table(tmp_path, "--quick", *servers).split("Server log at shutdown")[1]
     assert "mfserve: batching top_k: " in log
     assert "mfserve: garbage collection while serving: young " in log
     assert "objects frozen" in log
