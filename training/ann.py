@@ -231,10 +231,9 @@ class AnnIndex:
         **search_params: int,
     ) -> list[tuple[list[int], list[float]]]:
         """:meth:`top_k` as Python lists (the server's path: it writes lists anyway)."""
-        if recommender.n_items != self.n_items:
-            raise AnnError(
-                f"index of {self.n_items} items used with a model of {recommender.n_items}"
-            )
+        n_items = self.n_items  # one read of the SWIG attribute per call, not three
+        if recommender.n_items != n_items:
+            raise AnnError(f"index of {n_items} items used with a model of {recommender.n_items}")
         user_rows: list[int] = users.tolist()
         reqs = list(requests) if requests is not None else [RankRequest()] * len(user_rows)
         results: list[tuple[list[int], list[float]]] = [([], [])] * len(reqs)
@@ -245,7 +244,7 @@ class AnnIndex:
                 results[b] = answer
         exact_set = set(exact)
         approx = [b for b in range(len(reqs)) if b not in exact_set]
-        k = max(0, min(k, self.n_items))
+        k = max(0, min(k, n_items))
         if not approx or k == 0:
             return results
         tables = recommender.ranking_tables()
@@ -264,7 +263,7 @@ class AnnIndex:
         rows = np.array([user_rows[b] for b in approx], dtype=np.int64)
         scores, found = self._raw_search(
             self.tables.user_query.numpy()[rows],
-            min(k + widest, self.n_items),
+            min(k + widest, n_items),
             search_params.get("ef_search"),
             search_params.get("nprobe"),
         )
