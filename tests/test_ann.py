@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,13 +103,22 @@ def test_seen_items_and_deny_list_are_excluded(recommender: Recommender) -> None
     assert hits / 200 >= 0.9
 
 
-def test_lists_match_tensors_and_the_filtered_over_fetch(recommender: Recommender) -> None:
-    # A small ef_search keeps the answers approximate, so they pin the index's own order: each
-    # known user's answer is faiss's answer for k + the batch's widest exclusion, with the
-    # excluded rows dropped, cut to k; the server's list path and the tensor API agree on it.
-    index = build_index(recommender.artifact, "hnsw", m=8, ef_search=16)
-    users = torch.tensor([0, 1, 2, -1, 4, 5])
+@pytest.mark.parametrize(
+    ("kind", "params"), [("hnsw", {"m": 8, "ef_search": 16}), ("ivf", {"nlist": 32, "nprobe": 2})]
+)
+def test_exclusions_are_faiss_filtered_search_alone_or_batched(
+    recommender: Recommender, kind: str, params: dict[str, int]
+) -> None:
+    # Small search settings keep the answers approximate, so they pin the index's own order. Each
+    # known user's answer is faiss's search for that user alone with the excluded rows left out by
+    # a selector: light exclusions (up to ~23 rows, more than the HNSW walk's 16) through the
+    # batch's shared over-fetch, a heavy one (~220 rows) through a search of its own. The server's
+    # list path and the tensor API agree, and no answer depends on its batch.
+    faiss = pytest.importorskip("faiss")
+    index = build_index(recommender.artifact, kind, **params)
+    users = torch.tensor([0, 1, 2, -1, 4, 5, 6])
     deny = torch.tensor([7, 11, 13])
+    many = torch.arange(100, 300)
     requests = [
         RankRequest(exclude_seen=True),
         RankRequest(exclude_seen=False),
@@ -115,26 +126,67 @@ def test_lists_match_tensors_and_the_filtered_over_fetch(recommender: Recommende
         RankRequest(),  # unknown user: the exact popularity answer
         RankRequest(candidates=torch.tensor([3, 9, 27])),  # allow-list: exact
         RankRequest(exclude_seen=True, exclude=deny),
+        RankRequest(exclude_seen=True, exclude=many),
     ]
     k = 7
     lists = index.top_k_lists(recommender, users, k, requests)
     tensors = index.top_k(recommender, users, k, requests)
     assert [(rows.tolist(), scores.tolist()) for rows, scores in tensors] == lists
-    banned = {
-        b: (recommender.seen_items(int(users[b])).tolist() if requests[b].exclude_seen else [])
-        + (deny.tolist() if requests[b].exclude is not None else [])
-        for b in (0, 1, 2, 5)
-    }
-    fetch = k + max(len(rows) for rows in banned.values())
     queries = ranking_tables(recommender.artifact).user_query
-    for b, skip in banned.items():
-        scores, rows = index.index.search(queries[int(users[b])][None].numpy(), fetch)
+    for b in (0, 1, 2, 5, 6):
+        request = requests[b]
+        skip = (recommender.seen_items(int(users[b])).tolist() if request.exclude_seen else []) + (
+            request.exclude.tolist() if request.exclude is not None else []
+        )
+        ids = np.array(skip, dtype=np.int64)
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
+        if kind == "hnsw":
+            filtered = faiss.SearchParametersHNSW(sel=selector, efSearch=params["ef_search"])
+        else:
+            filtered = faiss.SearchParametersIVF(sel=selector, nprobe=params["nprobe"])
+        scores, rows = index.index.search(queries[int(users[b])][None].numpy(), k, params=filtered)
         found = zip(rows[0].tolist(), scores[0].tolist(), strict=True)
-        kept = [(row, score) for row, score in found if row >= 0 and row not in skip][:k]
+        kept = [(row, score) for row, score in found if row >= 0]
+        assert kept and not {row for row, _ in kept} & set(skip)
         assert lists[b] == ([row for row, _ in kept], [score for _, score in kept])
+        assert index.top_k_lists(recommender, users[b : b + 1], k, [request]) == [lists[b]]
     for b in (3, 4):
         [(rows, scores)] = recommender.top_k(users[b : b + 1], k, [requests[b]])
         assert lists[b] == (rows.tolist(), scores.tolist())
+
+
+class _FetchRecorder:
+    """Stands in for a faiss index and records how many rows each search asks for."""
+
+    def __init__(self, index: Any) -> None:
+        self._index = index
+        self.fetches: list[tuple[int, int]] = []  # (queries, rows asked for each)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+    def search(self, x: Any, k: int, **kwargs: Any) -> Any:
+        self.fetches.append((len(x), k))
+        return self._index.search(x, k, **kwargs)
+
+
+def test_a_heavy_user_is_searched_alone_for_k_rows(recommender: Recommender) -> None:
+    # 4,900 excluded rows would make an over-fetch return ~4,910 rows per query, heap, copy and
+    # filter them, and widen the fetch of every query in the batch: the heavy user is searched
+    # alone for k rows with a selector, and the light one keeps a fetch of k + its ~20 seen rows.
+    index = build_index(recommender.artifact, "hnsw", m=8, ef_search=64)
+    recorder = _FetchRecorder(index.index)
+    index.index = recorder
+    heavy = RankRequest(exclude_seen=False, exclude=torch.arange(100, 5_000))
+    answers = index.top_k_lists(
+        recommender, torch.tensor([0, 1]), 10, [heavy, RankRequest(exclude_seen=True)]
+    )
+    seen = recommender.seen_items(1).numel()
+    assert 0 < seen < 64 - 10
+    assert sorted(recorder.fetches) == [(1, 10), (1, 10 + seen)]
+    rows, _ = answers[0]
+    assert rows and all(row < 100 or row >= 5_000 for row in rows)
+    assert not set(answers[1][0]) & set(recommender.seen_items(1).tolist())
 
 
 def test_unknown_users_and_allow_lists_fall_back_to_exact(recommender: Recommender) -> None:

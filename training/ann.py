@@ -14,8 +14,14 @@ Exactness: the ranking score is ``query . item + item_bias + user_offset``. Appe
 and the bias to the item vector makes the inner product equal ``query . item + item_bias`` exactly,
 and ``user_offset`` does not change the order, so it is added back after the search.
 
-Exclusions (seen items, deny-lists) are applied by over-fetching ``k + len(excluded)`` neighbours
-and filtering, so at least ``k`` eligible items survive whenever the index returns that many.
+Exclusions (seen items, deny-lists) mean faiss's own filtered search: the walk a plain search
+makes (HNSW) or the lists it scans (IVF), keeping the best ``k`` rows that are not excluded (an
+``IDSelector``). A query with at most ``SHARED_EXCLUSIONS`` excluded rows is searched with the
+others in its batch, over-fetching ``k +`` the batch's widest exclusion and dropping the excluded
+rows: neither the walk nor the scan depends on ``k`` (faiss 1.15; the tests pin the two paths to
+the same answers, alone and batched), so this gives the filtered answer at one search per batch.
+A heavier query (ml-latest-small's heaviest users have seen ~2,000 items) is searched alone with a
+selector: an over-fetch would copy, heap and filter thousands of rows for every query in its batch.
 
 faiss is the ``[ann]`` extra: it is imported on first use, with an error that says what to install.
 """
@@ -49,6 +55,11 @@ DEFAULT_PARAMS: dict[str, dict[str, int]] = {
     "hnsw": {"m": 16, "ef_construction": 64, "ef_search": 64},
     "ivf": {"nlist": 0, "nprobe": 32},  # nlist 0: 4 * sqrt(n_items), a common starting point
 }
+# Past this many excluded rows a query is searched alone with a selector (module doc). Measured on
+# ml-latest-small (benchmarks/ann_exclusions.py): each over-fetched row costs ~0.1 us, a search
+# of its own ~15-20 us more than sharing one, so the two meet at ~150-200 rows for a lone query;
+# lower, because in a batch every query pays for the widest.
+SHARED_EXCLUSIONS = 128
 
 
 class AnnError(Exception):
@@ -149,12 +160,32 @@ class AnnIndex:
             self._params_cache[key] = params
         return params
 
+    def _filtered_params(self, skip: np.ndarray, ef_search: int | None, nprobe: int | None) -> Any:
+        """Search parameters that leave out the rows in ``skip`` (built per query: the selector
+        holds that query's rows)."""
+        faiss = _faiss()
+        ids = np.ascontiguousarray(skip, dtype=np.int64)
+        # The parameters keep references to the selectors they are given (faiss's wrapper), and
+        # the batch selector copies the ids into its own set, so nothing here outlives the call.
+        excluded = faiss.IDSelectorNot(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(
+                sel=excluded, efSearch=ef_search or self.params["ef_search"]
+            )
+        return faiss.SearchParametersIVF(sel=excluded, nprobe=nprobe or self.params["nprobe"])
+
     def _raw_search(
-        self, queries: np.ndarray, fetch: int, ef_search: int | None, nprobe: int | None
+        self,
+        queries: np.ndarray,
+        fetch: int,
+        ef_search: int | None,
+        nprobe: int | None,
+        skip: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """faiss's answer for un-augmented queries [B, d]: float32 scores and int64 rows [B, fetch],
-        rows -1 where the index found fewer. numpy throughout: a lone query's bookkeeping in torch
-        cost more than the search itself (measured on 1M x 64, docs/benchmarks.md)."""
+        rows -1 where the index found fewer, leaving out the rows in ``skip``. numpy throughout: a
+        lone query's bookkeeping in torch cost more than the search itself (measured on 1M x 64,
+        docs/benchmarks.md)."""
         batch, dim = queries.shape
         if self.augmented:
             x = np.empty((batch, dim + 1), dtype=np.float32)
@@ -162,8 +193,53 @@ class AnnIndex:
             x[:, dim] = 1.0
         else:
             x = np.ascontiguousarray(queries, dtype=np.float32)
-        scores, rows = self.index.search(x, fetch, params=self._search_params(ef_search, nprobe))
+        if skip is None:
+            params = self._search_params(ef_search, nprobe)
+        else:
+            params = self._filtered_params(skip, ef_search, nprobe)
+        scores, rows = self.index.search(x, fetch, params=params)
         return scores, rows
+
+    def _best(
+        self,
+        queries: np.ndarray,
+        k: int,
+        banned: Sequence[np.ndarray | None],
+        ef_search: int | None,
+        nprobe: int | None,
+        offsets: np.ndarray | None = None,
+    ) -> list[tuple[list[int], list[float]]]:
+        """Best ``k`` rows and scores for each query [B, d] (1 <= k <= n_items), leaving out
+        ``banned[b]``, best first, shorter where the index finds fewer; ``offsets[b]`` is added to
+        row b's scores in float32. Light exclusions share one over-fetching search; heavy ones are
+        searched alone with a selector (module doc)."""
+        shared: list[int] = []
+        alone: list[int] = []
+        for b, skip in enumerate(banned):
+            (shared if skip is None or len(skip) <= SHARED_EXCLUSIONS else alone).append(b)
+        answers: list[tuple[list[int], list[float]]] = [([], [])] * len(banned)
+        if shared:
+            widest = max((len(s) for b in shared if (s := banned[b]) is not None), default=0)
+            every = len(shared) == len(banned)
+            scores, found = self._raw_search(
+                queries if every else queries[shared],
+                min(k + widest, self.n_items),
+                ef_search,
+                nprobe,
+            )
+            if offsets is not None:
+                scores += (offsets if every else offsets[shared])[:, None]
+            for b, found_rows, found_scores in zip(
+                shared, found.tolist(), scores.tolist(), strict=True
+            ):
+                skip = banned[b]
+                answers[b] = _eligible(found_rows, found_scores, _listed(skip), k)
+        for b in alone:
+            scores, found = self._raw_search(queries[b : b + 1], k, ef_search, nprobe, banned[b])
+            if offsets is not None:
+                scores += offsets[b]
+            answers[b] = _eligible(found[0].tolist(), scores[0].tolist(), None, k)
+        return answers
 
     def search(
         self,
@@ -183,23 +259,19 @@ class AnnIndex:
         batch = queries.shape[0]
         k = max(0, min(k, self.n_items))
         banned = [
-            e.tolist() if e is not None and e.numel() else None
+            e.numpy() if e is not None and e.numel() else None
             for e in (exclude if exclude is not None else [None] * batch)
         ]
         if batch == 0 or k == 0:
             return torch.empty(batch, k), torch.empty(batch, k, dtype=torch.int64)
-        widest = max((len(b) for b in banned if b is not None), default=0)
-        fetch = min(k + widest, self.n_items)
-        scores, rows = self._raw_search(queries.to(torch.float32).numpy(), fetch, ef_search, nprobe)
-        if widest == 0 and fetch == k:  # nothing to filter: faiss's arrays are the answer
+        plain = queries.to(torch.float32).numpy()
+        if all(b is None for b in banned):  # nothing to filter: faiss's arrays are the answer
+            scores, rows = self._raw_search(plain, k, ef_search, nprobe)
             found = torch.from_numpy(rows)
             return torch.from_numpy(scores).masked_fill(found < 0, -torch.inf), found
         out_scores = torch.full((batch, k), -torch.inf)
         out_rows = torch.full((batch, k), -1, dtype=torch.int64)
-        for b, (row_items, row_scores) in enumerate(
-            zip(rows.tolist(), scores.tolist(), strict=True)
-        ):
-            items, kept = _eligible(row_items, row_scores, banned[b], k)
+        for b, (items, kept) in enumerate(self._best(plain, k, banned, ef_search, nprobe)):
             out_rows[b, : len(items)] = torch.tensor(items, dtype=torch.int64)
             out_scores[b, : len(items)] = torch.tensor(kept, dtype=torch.float32)
         return out_scores, out_rows
@@ -249,29 +321,26 @@ class AnnIndex:
             return results
         tables = recommender.ranking_tables()
         indptr, seen = tables.seen_indptr, tables.seen_indices
-        banned: list[list[int] | None] = []
+        banned: list[np.ndarray | None] = []
         for b in approx:
             row, request = user_rows[b], reqs[b]
-            parts: list[int] = []
-            if request.exclude_seen:
-                parts += seen[indptr[row] : indptr[row + 1]].tolist()
-            if request.exclude is not None:
-                parts += request.exclude.tolist()
-            banned.append(parts or None)
-        # A row banned twice counts twice in the fetch, as in the torch version: same answers.
-        widest = max((len(b) for b in banned if b is not None), default=0)
+            seen_rows = seen[indptr[row] : indptr[row + 1]] if request.exclude_seen else None
+            denied = request.exclude.numpy() if request.exclude is not None else None
+            if denied is not None and denied.size:
+                seen_rows = denied if seen_rows is None else np.concatenate([seen_rows, denied])
+            # A row banned twice counts twice against the fetch: a wider margin, the same answer.
+            banned.append(seen_rows if seen_rows is not None and seen_rows.size else None)
         rows = np.array([user_rows[b] for b in approx], dtype=np.int64)
-        scores, found = self._raw_search(
+        answers = self._best(
             self.tables.user_query.numpy()[rows],
-            min(k + widest, n_items),
+            k,
+            banned,
             search_params.get("ef_search"),
             search_params.get("nprobe"),
+            offsets=self.tables.user_offset.numpy()[rows],  # float32, as torch added it
         )
-        scores += self.tables.user_offset.numpy()[rows][:, None]  # float32, as torch added it
-        for pos, (b, found_rows, found_scores) in enumerate(
-            zip(approx, found.tolist(), scores.tolist(), strict=True)
-        ):
-            results[b] = _eligible(found_rows, found_scores, banned[pos], k)
+        for b, answer in zip(approx, answers, strict=True):
+            results[b] = answer
         return results
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -313,6 +382,10 @@ class AnnIndex:
         tmp_json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp_json, sidecar)
         return sidecar
+
+
+def _listed(rows: np.ndarray | None) -> list[int] | None:
+    return rows.tolist() if rows is not None else None
 
 
 def _eligible(
