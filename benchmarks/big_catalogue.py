@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from mfserve.training.ann import AnnIndex, build_index, load_index, measure_recall, ranking_tables
+from mfserve.training.ann import AnnIndex, build_index, measure_recall, ranking_tables
+from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, resolve_version
 from mfserve.training.recommender import RankRequest, Recommender
 

@@ -35,7 +35,8 @@ import torch
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
 from mfserve.server.pair_kernel import PairKernel, pair_kernel
 from mfserve.server.rank_kernel import RankKernel, rank_kernel
-from mfserve.training.ann import KINDS, AnnError, AnnIndex, load_index
+from mfserve.training.ann import KINDS, AnnError, AnnIndex
+from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import RankRequest, Recommender
 

@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mfserve.training.ann import AnnError, build_index, load_index, measure_recall, ranking_tables
+from mfserve.training.ann import AnnError, build_index, measure_recall, ranking_tables
+from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.training.synthetic import synthetic_artifact

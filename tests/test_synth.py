@@ -91,7 +91,7 @@ def test_register_adds_a_handler() -> None:
 
 def test_ann_flag_writes_an_index_beside_the_version(tmp_path: Path) -> None:
     pytest.importorskip("faiss")
-    from mfserve.training.ann import load_index
+    from mfserve.training.ann_store import load_index
 
     sizes = ["--users", "20", "--items", "3000", "--factors", "8"]
     assert main(["synth", "--out", str(tmp_path / "m"), *sizes, "--ann", "hnsw"]) == 0
@@ -102,7 +102,7 @@ def test_ann_flag_writes_an_index_beside_the_version(tmp_path: Path) -> None:
 
 def test_index_command_builds_beside_an_existing_version(tmp_path: Path) -> None:
     pytest.importorskip("faiss")
-    from mfserve.training.ann import load_index
+    from mfserve.training.ann_store import load_index
 
     assert main(["synth", "--out", str(tmp_path / "m"), "--users", "10", "--items", "500"]) == 0
     assert main(["index", "--model", str(tmp_path / "m"), "--kind", "hnsw"]) == 0

@@ -1,14 +1,6 @@
 """Optional approximate top-k: a faiss index over the ranking item factors, stored beside a version.
 
-The artifact's manifest is immutable and checksummed, so an index is a *sidecar* in the version
-folder with its own checksums::
-
-    models/NAME/<N>/ann-hnsw.faiss     faiss's own write_index format (not a pickle)
-    models/NAME/<N>/ann-hnsw.json      kind, params, build seconds, sha256 of the index file and of
-                                       the model.safetensors it was built from
-
-Loading checks both sha256s, so a corrupt index or one built from other factors (a stale index) is
-refused rather than silently answering for another model.
+Stored beside a version by :mod:`mfserve.training.ann_store` (sidecar files with checksums).
 
 Exactness: the ranking score is ``query . item + item_bias + user_offset``. Appending 1 to the query
 and the bias to the item vector makes the inner product equal ``query . item + item_bias`` exactly,
@@ -30,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact, sha256_file
+from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact
 from mfserve.training.recommender import RankRequest
 
 if TYPE_CHECKING:
     from mfserve.training.recommender import Recommender
 
-SIDECAR_FORMAT = 1
 KINDS = ("hnsw", "ivf")
 # Defaults measured on the 1M x 64 clustered synthetic catalogue (benchmarks/big_catalogue.py, 2
 # shared cores): M=16/efConstruction=64 builds in ~80 s (M=32/100: 210-380 s) and at efSearch=64
@@ -66,7 +56,7 @@ class AnnError(Exception):
     """The index is missing its dependency, corrupt, stale, or does not fit the artifact."""
 
 
-def _faiss() -> Any:
+def faiss_module() -> Any:
     try:
         import faiss
     except ImportError as exc:  # the [ann] extra is optional
@@ -152,7 +142,7 @@ class AnnIndex:
         key = (ef_search or 0, nprobe or 0)
         params = self._params_cache.get(key)
         if params is None:
-            faiss = _faiss()
+            faiss = faiss_module()
             if self.kind == "hnsw":
                 params = faiss.SearchParametersHNSW(efSearch=ef_search or self.params["ef_search"])
             else:
@@ -163,7 +153,7 @@ class AnnIndex:
     def _filtered_params(self, skip: np.ndarray, ef_search: int | None, nprobe: int | None) -> Any:
         """Search parameters that leave out the rows in ``skip`` (built per query: the selector
         holds that query's rows)."""
-        faiss = _faiss()
+        faiss = faiss_module()
         ids = np.ascontiguousarray(skip, dtype=np.int64)
         # The parameters keep references to the selectors they are given (faiss's wrapper), and
         # the batch selector copies the ids into its own set, so nothing here outlives the call.
@@ -344,43 +334,11 @@ class AnnIndex:
         return results
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``ann-<kind>.faiss`` and its JSON sidecar into ``folder``; return the sidecar."""
-        faiss = _faiss()
-        folder = Path(folder)
-        index_path = folder / f"ann-{self.kind}.faiss"
-        sidecar = folder / f"ann-{self.kind}.json"
-        # Write-then-rename: a reader never sees a half-written file. Mid-rebuild a reader may pair a
-        # new index with the old sidecar; the sha256 check then refuses it rather than misanswer.
-        fd, tmp = tempfile.mkstemp(prefix=".ann-", dir=folder)
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            os.chmod(
-                tmp, 0o644
-            )  # mkstemp's 0600 would hide it from a server running as another user
-            self.index_sha256 = sha256_file(Path(tmp))
-            os.replace(tmp, index_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        payload = {
-            "format": SIDECAR_FORMAT,
-            "kind": self.kind,
-            "params": self.params,
-            "dim": int(self.index.d),
-            "augmented": self.augmented,
-            "n_items": self.n_items,
-            "build_seconds": round(self.build_seconds, 3),
-            "faiss_version": str(getattr(faiss, "__version__", "")),
-            "index_file": index_path.name,
-            "index_sha256": self.index_sha256,
-            "model_file": MODEL_TENSORS,
-            "model_sha256": self.model_sha256,
-            **self.extra,
-        }
-        tmp_json = sidecar.with_name(f".{sidecar.name}.tmp")
-        tmp_json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_json, sidecar)
+        """Write ``ann-<kind>.faiss`` and its JSON sidecar into ``folder``; return the sidecar
+        (:func:`mfserve.training.ann_store.save_index`)."""
+        from mfserve.training.ann_store import save_index  # the store builds on this module
+
+        sidecar: Path = save_index(self, folder)
         return sidecar
 
 
@@ -418,7 +376,7 @@ def build_index(
     unknown = set(params) - set(DEFAULT_PARAMS[kind])
     if unknown:
         raise AnnError(f"unknown {kind} parameter(s): {', '.join(sorted(unknown))}")
-    faiss = _faiss()
+    faiss = faiss_module()
     chosen = {**DEFAULT_PARAMS[kind], **params}
     tables = ranking_tables(artifact)
     keys = _augmented_keys(tables)
@@ -442,64 +400,6 @@ def build_index(
         index.nprobe = chosen["nprobe"]
     seconds = time.perf_counter() - started
     return AnnIndex(kind, index, chosen, tables, seconds, model_sha256(artifact))
-
-
-def load_index(
-    folder: str | os.PathLike[str], artifact: ModelArtifact, kind: str | None = None
-) -> AnnIndex | None:
-    """The index stored beside ``artifact`` in ``folder``, or None when there is none.
-
-    Raises ``AnnError`` when one exists but is corrupt, stale (built from other factors), does not
-    fit the artifact's shapes, or faiss is not installed.
-    """
-    folder = Path(folder)
-    kinds = [kind] if kind is not None else list(KINDS)
-    sidecars = [folder / f"ann-{k}.json" for k in kinds if (folder / f"ann-{k}.json").is_file()]
-    if not sidecars:
-        return None
-    sidecar = sidecars[0]
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        index_path = folder / Path(str(meta["index_file"])).name
-        expected_index, expected_model = str(meta["index_sha256"]), str(meta["model_sha256"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise AnnError(f"{sidecar}: unreadable index sidecar: {exc}") from exc
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise AnnError(f"{sidecar}: sidecar format {meta.get('format')!r} is not supported")
-    current_model = model_sha256(artifact)
-    if expected_model != current_model:
-        raise AnnError(
-            f"{sidecar}: stale index: built from a model.safetensors with sha256 "
-            f"{expected_model[:12]}..., but this version's is {current_model[:12]}...; rebuild it"
-        )
-    if not index_path.is_file():
-        raise AnnError(f"{index_path}: listed in {sidecar.name} but missing")
-    actual = sha256_file(index_path)
-    if actual != expected_index:
-        raise AnnError(
-            f"{index_path}: sha256 {actual} does not match the sidecar's; the file is corrupt"
-        )
-    faiss = _faiss()
-    index = faiss.read_index(str(index_path))
-    tables = ranking_tables(artifact)
-    dim = tables.item_keys.shape[1] + (1 if tables.item_bias is not None else 0)
-    if index.ntotal != artifact.n_items or index.d != dim:
-        raise AnnError(
-            f"{index_path}: index has {index.ntotal} items of width {index.d}, "
-            f"the artifact {artifact.n_items} of width {dim}"
-        )
-    known = {"format", "kind", "params", "dim", "augmented", "n_items", "build_seconds"}
-    known |= {"faiss_version", "index_file", "index_sha256", "model_file", "model_sha256"}
-    return AnnIndex(
-        kind=str(meta["kind"]),
-        index=index,
-        params={str(k): int(v) for k, v in dict(meta["params"]).items()},
-        tables=tables,
-        build_seconds=float(meta.get("build_seconds", 0.0)),
-        model_sha256=expected_model,
-        index_sha256=actual,
-        extra={k: v for k, v in meta.items() if k not in known},
-    )
 
 
 def measure_recall(
