@@ -13,7 +13,14 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mfserve.training.ann import AnnError, build_index, measure_recall, ranking_tables
+from mfserve.training.ann import (
+    MAX_WIDENED_EF,
+    SHARED_EXCLUSIONS,
+    AnnError,
+    build_index,
+    measure_recall,
+    ranking_tables,
+)
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
@@ -142,7 +149,12 @@ def test_exclusions_are_faiss_filtered_search_alone_or_batched(
         ids = np.array(skip, dtype=np.int64)
         selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
         if kind == "hnsw":
-            filtered = faiss.SearchParametersHNSW(sel=selector, efSearch=params["ef_search"])
+            # A heavy query's walk is widened by its excluded rows (the ef_search it is given
+            # counts eligible candidates); light ones keep ef_search.
+            widened = len(skip) if len(skip) > SHARED_EXCLUSIONS else 0
+            filtered = faiss.SearchParametersHNSW(
+                sel=selector, efSearch=params["ef_search"] + widened
+            )
         else:
             filtered = faiss.SearchParametersIVF(sel=selector, nprobe=params["nprobe"])
         scores, rows = index.index.search(queries[int(users[b])][None].numpy(), k, params=filtered)
@@ -162,19 +174,22 @@ class _FetchRecorder:
     def __init__(self, index: Any) -> None:
         self._index = index
         self.fetches: list[tuple[int, int]] = []  # (queries, rows asked for each)
+        self.walks: list[int] = []  # efSearch of each search
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._index, name)
 
     def search(self, x: Any, k: int, **kwargs: Any) -> Any:
         self.fetches.append((len(x), k))
+        self.walks.append(kwargs["params"].efSearch)
         return self._index.search(x, k, **kwargs)
 
 
 def test_a_heavy_user_is_searched_alone_for_k_rows(recommender: Recommender) -> None:
     # 4,900 excluded rows would make an over-fetch return ~4,910 rows per query, heap, copy and
     # filter them, and widen the fetch of every query in the batch: the heavy user is searched
-    # alone for k rows with a selector, and the light one keeps a fetch of k + its ~20 seen rows.
+    # alone for k rows with a selector (its walk widened instead), and the light one keeps a
+    # fetch of k + its ~20 seen rows.
     index = build_index(recommender.artifact, "hnsw", m=8, ef_search=64)
     recorder = _FetchRecorder(index.index)
     index.index = recorder
@@ -185,6 +200,8 @@ def test_a_heavy_user_is_searched_alone_for_k_rows(recommender: Recommender) -> 
     seen = recommender.seen_items(1).numel()
     assert 0 < seen < 64 - 10
     assert sorted(recorder.fetches) == [(1, 10), (1, 10 + seen)]
+    # The heavy user's walk keeps 64 eligible candidates, up to the ceiling; the light one's is 64.
+    assert sorted(recorder.walks) == [64, MAX_WIDENED_EF]
     rows, _ = answers[0]
     assert rows and all(row < 100 or row >= 5_000 for row in rows)
     assert not set(answers[1][0]) & set(recommender.seen_items(1).tolist())
