@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 
+from mfserve.server.idle_poll import IdlePoll
 from mfserve.training.ann import AnnIndex, build_index, measure_recall, ranking_tables
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, resolve_version
@@ -144,7 +146,6 @@ def recall(approx: dict[str, list[str]], exact: dict[str, list[str]]) -> float:
 
 def serve_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespace) -> list[str]:
     """End-to-end rows: a server subprocess per configuration, a client process per figure."""
-    from benchmarks.serve_probe import Server, run_client
 
     opts = argparse.Namespace(
         duration=args.duration, warmup=1.0, channels=8, users=n_users, items=n_items
@@ -171,6 +172,27 @@ def serve_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespa
         "| p50 c=64 | recall@10 vs served exact | start (load + index) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    polling = IdlePoll() if args.idle_poll else contextlib.nullcontext()
+    if args.idle_poll:
+        lines[4:4] = [
+            "",
+            "Idle polling on for every row, the floor included (`mfserve serve --idle-poll`'s "
+            "SCHED_IDLE spinner per CPU, started once by this script).",
+        ]
+    with polling:
+        lines += _serve_configs(version, configs, sample, opts)
+    return lines
+
+
+def _serve_configs(
+    version: Path,
+    configs: list[tuple[str, list[str]]],
+    sample: list[str],
+    opts: argparse.Namespace,
+) -> list[str]:
+    from benchmarks.serve_probe import Server, run_client
+
+    lines: list[str] = []
     exact_answers: dict[str, list[str]] | None = None
     for label, extra in configs:
         empty = extra == ["<empty>"]
@@ -274,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--serve: efSearch values served with --ann hnsw, one server each; 0: the stored one",
     )
     parser.add_argument("--duration", type=float, default=5.0, help="--serve: seconds per cell")
+    parser.add_argument(
+        "--idle-poll",
+        action="store_true",
+        help="--serve: keep the CPUs busy with mfserve serve --idle-poll's SCHED_IDLE spinners "
+        "for the whole measurement, so the floor and every server are measured alike",
+    )
     parser.add_argument("--recall-users", type=int, default=200, help="--serve: users for recall")
     parser.add_argument(
         "--memory-ann", default="hnsw", help="--serve: the --ann of the memory rows ('' to skip)"

@@ -91,7 +91,7 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     stop_at = record_from + args.duration
     await asyncio.gather(*(worker(n) for n in range(args.concurrency)))
     for c in channels:
-        await c.close()
+        await c.close(None)
     latencies.sort()
     return {
         "calls": len(latencies),
