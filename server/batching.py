@@ -75,8 +75,9 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 # costs at most this: item scores for top-k and similar items (a TopK on a 10,000-item catalogue
 # is ~10,000: ~0.15 ms), pairs for predict (1,000 pairs: ~0.05 ms). Anything bigger, e.g. one exact
 # query against a million items or a 100,000-pair BatchPredict, goes to the executor. An
-# approximate TopK costs what its index visits (ServingIndex.cost: ~2,000 distances for HNSW at
-# ef_search 64, ~0.2 ms on a 1M-item catalogue), whatever the catalogue size.
+# approximate TopK costs what its index visits (ServingIndex.query_cost: ~2,000 distances for HNSW
+# at ef_search 64, ~0.2 ms on a 1M-item catalogue, whatever the catalogue size; up to 16 times
+# that for a heavy user, whose walk is widened by the items it leaves out).
 INLINE_RANK_SCORES = 65_536
 INLINE_PREDICT_PAIRS = 16_384
 
@@ -432,7 +433,7 @@ def top_k_cost(model: ServingModel, payload: RankPayload) -> int:
     exact (:func:`rank_cost`)."""
     ann = model.ann
     if ann is not None and payload[0] >= 0 and payload[2].candidates is None:
-        return int(ann.cost)
+        return int(ann.query_cost(model.recommender, payload[0], payload[2]))
     return rank_cost(model.recommender, payload)
 
 

@@ -209,6 +209,26 @@ def test_a_lone_approximate_call_is_cheap_enough_for_the_loop(handle: Any, stub:
         batcher.inline_limit = saved
 
 
+def test_a_heavy_users_widened_walk_is_costed_as_such(handle: Any, stub: Any) -> None:
+    # 1,000 excluded items widen the HNSW walk from 64 candidates to 1,024 (AnnIndex.walk_width),
+    # so the call costs 16 lone queries and leaves the loop, where a light one stays.
+    batcher = handle.server.service.top_k_batcher
+    ann = handle.server.holder.serving.ann
+    saved = batcher.inline_limit
+    batcher.inline_limit = 4 * ann.cost
+    try:
+        before = batcher.stats.inline
+        heavy = pb.TopKRequest(user_id="u1", k=10, exclude_item_ids=[f"i{n}" for n in range(1_000)])
+        answer = stub.TopK(heavy, timeout=30)
+        assert len(answer.items) == 10
+        assert all(int(item.item_id[1:]) >= 1_000 for item in answer.items)
+        assert batcher.stats.inline == before
+        assert len(stub.TopK(pb.TopKRequest(user_id="u1", k=10), timeout=30).items) == 10
+        assert batcher.stats.inline == before + 1
+    finally:
+        batcher.inline_limit = saved
+
+
 def test_concurrent_calls_are_batched_through_the_index(handle: Any, stub: Any) -> None:
     with Spy(handle) as spy:
         futures = [

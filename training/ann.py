@@ -200,6 +200,18 @@ class AnnIndex:
         scores, rows = self.index.search(x, fetch, params=params)
         return scores, rows
 
+    def walk_width(self, ef_search: int | None, k: int, excluded: int) -> int | None:
+        """The efSearch of an HNSW query that leaves out ``excluded`` rows: ``ef_search`` (or the
+        stored one), widened by the excluded rows up to ``MAX_WIDENED_EF`` when they are too many
+        to share a batch's search (module doc); None for IVF."""
+        base = ef_search or self.params.get("ef_search", 0)
+        if not base:
+            return None
+        walk = max(base, k)
+        if excluded <= SHARED_EXCLUSIONS:
+            return walk
+        return max(walk, min(walk + excluded, MAX_WIDENED_EF))
+
     def _best(
         self,
         queries: np.ndarray,
@@ -234,13 +246,10 @@ class AnnIndex:
             ):
                 skip = banned[b]
                 answers[b] = _eligible(found_rows, found_scores, _listed(skip), k)
-        base_ef = ef_search or self.params.get("ef_search", 0)
         for b in alone:
             skip = banned[b]
             assert skip is not None  # only queries with exclusions are searched alone
-            # Widened for HNSW (module doc): ef_search eligible candidates, not ef_search in all.
-            walk = max(base_ef, k)
-            widened = max(walk, min(walk + len(skip), MAX_WIDENED_EF)) if base_ef else None
+            widened = self.walk_width(ef_search, k, len(skip))
             scores, found = self._raw_search(queries[b : b + 1], k, widened, nprobe, skip)
             if offsets is not None:
                 scores += offsets[b]

@@ -153,6 +153,11 @@ class Recommender:
         ]
         return seen
 
+    def seen_count(self, user_row: int) -> int:
+        """How many items a user rated in training (numpy, no tensor: the server asks per call)."""
+        indptr = self._seen_indptr_np
+        return int(indptr[user_row + 1] - indptr[user_row])
+
     # ------------------------------------------------------------- ratings
     def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Predicted ratings for pairs of rows, clipped to the rating range.
