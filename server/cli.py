@@ -186,8 +186,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="HNSW efSearch per query: higher is more exact and slower; a user with more "
-        "than 128 seen or denied items walks with N plus one candidate per excluded item, up to 1024 "
-        "(default: the value stored with the index)",
+        "than 128 seen or denied items walks with N plus one candidate per excluded item, "
+        "up to 1024 (default: the value stored with the index)",
     )
     parser.add_argument(
         "--ann-nprobe",

@@ -35,7 +35,7 @@ import torch
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
 from mfserve.server.pair_kernel import PairKernel, pair_kernel
 from mfserve.server.rank_kernel import RankKernel, rank_kernel
-from mfserve.training.ann import KINDS, SHARED_EXCLUSIONS, AnnError, AnnIndex
+from mfserve.training.ann import KINDS, AnnError, AnnIndex
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import RankRequest, Recommender
@@ -68,8 +68,6 @@ class ServingIndex:
         excluded = 0 if request.exclude is None else int(request.exclude.numel())
         if request.exclude_seen:
             excluded += recommender.seen_count(row)
-        if excluded <= SHARED_EXCLUSIONS:
-            return self.cost
         return self.cost * (self.index.walk_width(ef, 0, excluded) or ef) // ef
 
     def top_k_lists(

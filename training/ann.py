@@ -19,7 +19,7 @@ faiss's HNSW walk keeps excluded rows among its ``ef_search`` candidates, and a 
 (seen) items crowd the neighbourhood of the user's query, so a heavy user's walk ends with few
 eligible candidates: recall@10 0.84 for ml-latest-small's 30 heaviest users at ef_search 64. Their
 walk is widened by the number of excluded rows (up to ``MAX_WIDENED_EF``), as hnswlib's filtered
-search keeps ``ef`` *eligible* candidates: 0.98 at ~4x the lone query's time, still far below an
+search keeps ``ef`` *eligible* candidates: 0.98 at ~4.5x the lone query's time, still far below an
 exact scan of a large catalogue. Light queries keep ``ef_search`` as given.
 
 faiss is the ``[ann]`` extra: it is imported on first use, with an error that says what to install.
@@ -245,7 +245,8 @@ class AnnIndex:
                 shared, found.tolist(), scores.tolist(), strict=True
             ):
                 skip = banned[b]
-                answers[b] = _eligible(found_rows, found_scores, _listed(skip), k)
+                listed = None if skip is None else skip.tolist()
+                answers[b] = _eligible(found_rows, found_scores, listed, k)
         for b in alone:
             skip = banned[b]
             assert skip is not None  # only queries with exclusions are searched alone
@@ -339,12 +340,12 @@ class AnnIndex:
         banned: list[np.ndarray | None] = []
         for b in approx:
             row, request = user_rows[b], reqs[b]
-            seen_rows = seen[indptr[row] : indptr[row + 1]] if request.exclude_seen else None
+            skip = seen[indptr[row] : indptr[row + 1]] if request.exclude_seen else None
             denied = request.exclude.numpy() if request.exclude is not None else None
             if denied is not None and denied.size:
-                seen_rows = denied if seen_rows is None else np.concatenate([seen_rows, denied])
+                skip = denied if skip is None else np.concatenate([skip, denied])
             # A row banned twice counts twice against the fetch: a wider margin, the same answer.
-            banned.append(seen_rows if seen_rows is not None and seen_rows.size else None)
+            banned.append(skip if skip is not None and skip.size else None)
         rows = np.array([user_rows[b] for b in approx], dtype=np.int64)
         answers = self._best(
             self.tables.user_query.numpy()[rows],
@@ -365,10 +366,6 @@ class AnnIndex:
 
         sidecar: Path = save_index(self, folder)
         return sidecar
-
-
-def _listed(rows: np.ndarray | None) -> list[int] | None:
-    return rows.tolist() if rows is not None else None
 
 
 def _eligible(
