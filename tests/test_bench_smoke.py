@@ -73,10 +73,54 @@ def test_rounds_report_medians_and_the_ratio_range(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_the_table_ends_with_mfserves_shutdown_log(tmp_path: Path) -> None:
     servers = ["--servers", "empty,mfserve", "--rpcs", "topk", "--concurrency", "1"]
-    log = bench_table(tmp_path, "--quick", *servers).split("Server log at shutdown")[1]
+    # A variant is a second mfserve with its own arguments: here every call on the event loop.
+    variant = ["--variant", "loop=--compute-threads 0 --max-batch-size 1"]
+    table, log = bench_table(tmp_path, "--quick", *servers, *variant).split(
+        "Server log at shutdown"
+    )
     assert "mfserve: batching top_k: " in log
     assert "mfserve: garbage collection while serving: young " in log
     assert "objects frozen" in log
+    assert "| loop | TopK | 1 |" in table and "| mfserve | TopK | 1 |" in table
+    # Its own log: every batch computed on the loop, and a batch of one at most.
+    loop_batching = next(
+        line for line in log.splitlines() if line.startswith("loop: batching top_k")
+    )
+    calls = int(loop_batching.split(": ")[2].split()[0])
+    assert f"{calls} calls in {calls} batches (mean 1.0, max 1), {calls} computed inline" in (
+        loop_batching
+    )
+
+
+@pytest.mark.parametrize(
+    ("variant", "complaint"),
+    [
+        ("loop", "expected NAME=ARGS"),
+        ("Loop=--compute-threads 0", "expected NAME=ARGS"),
+        ("mfserve=--compute-threads 0", "not one of empty, empty-hop, naive, mfserve"),
+    ],
+)
+def test_a_bad_variant_is_refused_before_any_server_starts(
+    variant: str, complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mfserve.server.bench.harness import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", variant])
+    assert complaint in capsys.readouterr().err
+
+
+def test_variants_join_the_servers_in_order_with_their_own_arguments() -> None:
+    from mfserve.server.bench.harness import parse_args
+    from mfserve.server.bench.processes import server_specs
+
+    variants = ["--variant", "loop=--compute-threads 0", "--variant", "wide=--max-batch-size 128"]
+    args = parse_args(["--servers", "empty,mfserve", "--mfserve-arg=--max-k=50", *variants])
+    assert args.server_list == ["empty", "mfserve", "loop", "wide"]
+    specs = server_specs(Path("m/1"), args.mfserve_arg, args.variants)
+    assert specs["loop"].argv[-3:] == ["--max-k=50", "--compute-threads", "0"]
+    assert specs["wide"].argv[-3:] == ["--max-k=50", "--max-batch-size", "128"]
+    assert specs["mfserve"].argv[-1] == "--max-k=50"
 
 
 def test_combine_takes_medians_and_per_round_ratios() -> None:

@@ -5,6 +5,7 @@ Usage (from the repository root)::
     mfserve bench --markdown bench.md        # synthetic, ml-latest-small sized
     mfserve bench --model models/movielens --servers empty,naive,mfserve
     mfserve bench --quick --concurrency 1,2  # ~1 s a cell (smoke test)
+    mfserve bench --servers empty,mfserve --variant 'loop=--compute-threads 0'
 
 Every server runs in its own subprocess on 127.0.0.1, port 0 (the port is read from its output).
 Load comes from separate client processes (``mfserve.server.bench.loadgen``), each holding its share of the
@@ -22,6 +23,9 @@ Servers:
   empty-hop  the same, but each call goes to a thread and back first: the cost of a thread hop
   naive    one unbatched model call per RPC on the event loop (the baseline to beat)
   mfserve  the real server, ``python -m mfserve.server serve --model DIR --port 0 [--mfserve-arg]``
+  NAME     ``--variant NAME=ARGS``: mfserve again, with ARGS added, interleaved with the rest. Two
+           configurations compared within one run see the same phases of a shared host; two
+           separate runs do not (their ratios to the empty handler can differ by 0.2 from noise).
 
 On a small machine the clients and the server share the CPUs; the table says how many cores the
 server used during each window, and absolute figures are only comparable within one run.
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -51,7 +56,12 @@ from mfserve.server.bench.cells import (
     render_markdown,
     set_ratios,
 )
-from mfserve.server.bench.processes import ClientPool, RunningServer, server_specs
+from mfserve.server.bench.processes import (
+    BASE_SERVERS,
+    ClientPool,
+    RunningServer,
+    server_specs,
+)
 
 
 def run_cell(
@@ -190,6 +200,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra `mfserve serve` argument, repeatable (--mfserve-arg=--compute-threads=2)",
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="another mfserve server named NAME with ARGS added (shell-quoted), run beside the "
+        "others, e.g. --variant 'loop=--compute-threads 0'; repeatable",
+    )
+    parser.add_argument(
         "--server-timeout", type=float, default=120.0, help="seconds to wait for a server to bind"
     )
     parser.add_argument(
@@ -206,9 +224,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.rpc_list = [r.strip() for r in args.rpcs.split(",") if r.strip()]
     args.concurrency_list = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    unknown = set(args.server_list) - {"empty", "empty-hop", "naive", "mfserve"} | set(
-        args.rpc_list
-    ) - set(RPC_LABELS)
+    unknown = set(args.server_list) - set(BASE_SERVERS) | set(args.rpc_list) - set(RPC_LABELS)
+    args.variants = {}
+    for text in args.variant:
+        name, sep, extra = text.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9-]*", name) or name in BASE_SERVERS:
+            parser.error(
+                f"--variant {text!r}: expected NAME=ARGS, NAME lowercase letters, digits and '-' "
+                f"and not one of {', '.join(BASE_SERVERS)}"
+            )
+        if name in args.variants:
+            parser.error(f"--variant {text!r}: {name!r} is named twice")
+        args.variants[name] = shlex.split(extra)
+        if name not in args.server_list:
+            args.server_list.append(name)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if unknown or not args.concurrency_list or min(args.concurrency_list) < 1:
@@ -220,7 +250,7 @@ def start_servers(
     args: argparse.Namespace, version: Path
 ) -> dict[str, tuple[RunningServer, ClientPool] | None]:
     """Every server and its load clients, started before any cell (None: failed to start)."""
-    specs = server_specs(version, args.mfserve_arg)
+    specs = server_specs(version, args.mfserve_arg, args.variants)
     running: dict[str, tuple[RunningServer, ClientPool] | None] = {}
     for name in args.server_list:
         try:

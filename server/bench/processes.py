@@ -24,10 +24,23 @@ class ServerSpec:
     ready: re.Pattern[str]  # group 1 is the bound port; matched against stdout and stderr lines
 
 
-def server_specs(version: Path, mfserve_args: list[str]) -> dict[str, ServerSpec]:
+BASE_SERVERS = ("empty", "empty-hop", "naive", "mfserve")
+
+
+def server_specs(
+    version: Path, mfserve_args: list[str], variants: dict[str, list[str]] | None = None
+) -> dict[str, ServerSpec]:
+    """How to start each server; ``variants`` are more mfserve servers (name -> extra args)."""
     py = sys.executable
     plain = re.compile(r"^PORT (\d+)\s*$")
-    return {
+    # The real server logs "mfserve: serving NAME vN on HOST:PORT" once it is bound.
+    serving = re.compile(r"serving .* on \S+:(\d+)\s*$")
+    mfserve = [py, "-m", "mfserve.server", "serve", "--model", str(version), *mfserve_args]
+    extra = {
+        name: ServerSpec(name, [*mfserve, *args], serving)
+        for name, args in (variants or {}).items()
+    }
+    return extra | {
         "empty": ServerSpec(
             "empty", [py, "-m", "mfserve.server.bench.empty_server", "--model", str(version)], plain
         ),
@@ -39,12 +52,7 @@ def server_specs(version: Path, mfserve_args: list[str]) -> dict[str, ServerSpec
         "naive": ServerSpec(
             "naive", [py, "-m", "mfserve.server.bench.naive_server", "--model", str(version)], plain
         ),
-        # The real server logs "mfserve: serving NAME vN on HOST:PORT" once it is bound.
-        "mfserve": ServerSpec(
-            "mfserve",
-            [py, "-m", "mfserve.server", "serve", "--model", str(version), *mfserve_args],
-            re.compile(r"serving .* on \S+:(\d+)\s*$"),
-        ),
+        "mfserve": ServerSpec("mfserve", mfserve, serving),
     }
 
 
