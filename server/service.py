@@ -20,11 +20,9 @@ takes the server down.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -32,12 +30,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError, Message
 
-from mfserve.server.batching import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_QUEUE_DELAY_US,
-    INLINE_PREDICT_PAIRS,
-    INLINE_RANK_SCORES,
-    Batcher,
+from mfserve.server.batch_compute import (
     PredictPayload,
     RankedRow,
     RankPayload,
@@ -49,6 +42,13 @@ from mfserve.server.batching import (
     top_k_batch,
     top_k_cost,
 )
+from mfserve.server.batching import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    INLINE_PREDICT_PAIRS,
+    INLINE_RANK_SCORES,
+    Batcher,
+)
 from mfserve.server.errors import (
     ServiceError,
     abort,
@@ -58,6 +58,7 @@ from mfserve.server.errors import (
     unavailable,
 )
 from mfserve.server.model_holder import ModelHolder, ServingModel
+from mfserve.server.responses import add_scored, model_info
 from mfserve.server.validation import (
     COLD_START_HINT,
     check_sizes,
@@ -67,7 +68,6 @@ from mfserve.server.validation import (
     unknown_ids,
 )
 from mfserve.server.wire import packed_floats
-from mfserve.training.artifact import FORMAT_VERSION
 from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -346,7 +346,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         response.model_version = model.artifact.version
         if missing_user or missing_candidates:
             response.missing_ids.extend(missing_user + missing_candidates)
-        _add_scored(response.items, model, rows_out, scores, request.include_metadata)
+        add_scored(response.items, model, rows_out, scores, request.include_metadata)
         return response
 
     @_rpc
@@ -373,68 +373,12 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         )
         rows_out, scores = await self._similar_rows(model, row, k, rank)
         response = pb.SimilarItemsResponse(model_version=model.artifact.version)
-        _add_scored(response.items, model, rows_out, scores, request.include_metadata)
+        add_scored(response.items, model, rows_out, scores, request.include_metadata)
         return response
 
     @_rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.GetModelInfoResponse:  # noqa: N802 (gRPC name)
         return model_info(self._model())
-
-
-def _add_scored(
-    items: Any, model: Recommender, rows: list[int], scores: list[float], include_metadata: bool
-) -> None:
-    """Append ranked items to a repeated ``ScoredItem`` field (the one per-item loop: output)."""
-    # Fields set one by one: protobuf's keyword parsing makes add(item_id=..., ...) twice as slow
-    # (~10 us against ~5 us for ten items), and this runs on the event loop for every call.
-    ids = model.item_ids
-    artifact = model.artifact
-    titles = artifact.item_titles if include_metadata else None
-    genres = artifact.item_genres if include_metadata else None
-    add = items.add
-    for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1):
-        scored = add()
-        scored.item_id = ids[row]
-        scored.score = score
-        scored.rank = rank
-        if titles is not None and titles[row]:
-            scored.title = titles[row]
-        if genres is not None and genres[row]:
-            scored.genres.extend(genres[row])
-
-
-def model_info(model: Recommender) -> pb.GetModelInfoResponse:
-    """``GetModelInfoResponse`` for a model (also used by logs and, later, metrics labels)."""
-    artifact = model.artifact
-    low, high = artifact.rating_range
-    response = pb.GetModelInfoResponse(
-        model_name=artifact.name,
-        model_version=artifact.version,
-        factors=artifact.factors,
-        rank_factors=artifact.rank_factors,
-        user_count=artifact.n_users,
-        item_count=artifact.n_items,
-        rating_count=artifact.rating_count,
-        rating_min=low,
-        rating_max=high,
-        # load_artifact refuses every other format version, so a loaded model is this one.
-        format_version=FORMAT_VERSION,
-        dataset_fingerprint=str(artifact.dataset.get("fingerprint", "")),
-    )
-    if artifact.created_time:
-        try:
-            response.create_time.FromDatetime(datetime.fromisoformat(artifact.created_time))
-        except ValueError:
-            log.warning(
-                "mfserve: unparseable created_time %r in the manifest", artifact.created_time
-            )
-    for name, value in artifact.metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            response.metrics[name] = float(value)
-    for name, value in artifact.hyperparameters.items():
-        # Strings as they are; anything else as JSON so `true`, `0.01` and lists read unambiguously.
-        response.hyperparameters[name] = value if isinstance(value, str) else json.dumps(value)
-    return response
 
 
 def _predict_on_loop(limit: int, model: ServingModel, payload: PredictPayload) -> bool:

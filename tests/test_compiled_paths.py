@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mfserve.server.batch_compute import top_k_batch
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
-from mfserve.server.batching import top_k_batch
 from mfserve.server.jit import HAVE_NUMBA, compiled
 from mfserve.server.model_holder import serving_model
 from mfserve.server.pair_kernel import pair_kernel
