@@ -71,7 +71,11 @@ class ServingIndex:
         return self.cost * (self.index.walk_width(ef, 0, excluded) or ef) // ef
 
     def top_k_lists(
-        self, recommender: Recommender, users: torch.Tensor, k: int, requests: Sequence[RankRequest]
+        self,
+        recommender: Recommender,
+        users: torch.Tensor | Sequence[int],
+        k: int,
+        requests: Sequence[RankRequest],
     ) -> list[tuple[list[int], list[float]]]:
         """``AnnIndex.top_k_lists``: unknown users and allow-lists exact, the rest by the index."""
         ranked: list[tuple[list[int], list[float]]] = self.index.top_k_lists(

@@ -137,6 +137,14 @@ class AnnIndex:
     _params_cache: dict[tuple[int, int], Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # numpy views of the ranking queries and offsets, made once: a lone query in a server runs on
+    # cold caches, where each torch-to-numpy conversion cost more than the bookkeeping it served.
+    _user_queries: np.ndarray = field(init=False, repr=False, compare=False)
+    _user_offsets: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._user_queries = self.tables.user_query.numpy()
+        self._user_offsets = self.tables.user_offset.numpy()
 
     @property
     def augmented(self) -> bool:
@@ -313,47 +321,49 @@ class AnnIndex:
     def top_k_lists(
         self,
         recommender: Recommender,
-        users: torch.Tensor,
+        users: torch.Tensor | Sequence[int],
         k: int,
         requests: Sequence[RankRequest] | None = None,
         **search_params: int,
     ) -> list[tuple[list[int], list[float]]]:
-        """:meth:`top_k` as Python lists (the server's path: it writes lists anyway)."""
+        """:meth:`top_k` as Python lists (the server's path: it writes lists anyway). ``users``
+        may be plain rows: the index's own queries need no tensor, only the exact fallback does.
+        """
         n_items = self.n_items  # one read of the SWIG attribute per call, not three
         if recommender.n_items != n_items:
             raise AnnError(f"index of {n_items} items used with a model of {recommender.n_items}")
-        user_rows: list[int] = users.tolist()
+        user_rows: list[int] = users.tolist() if isinstance(users, torch.Tensor) else list(users)
         reqs = list(requests) if requests is not None else [RankRequest()] * len(user_rows)
         results: list[tuple[list[int], list[float]]] = [([], [])] * len(reqs)
-        exact = [b for b, row in enumerate(user_rows) if row < 0 or reqs[b].candidates is not None]
+        approx: list[int] = []
+        exact: list[int] = []
+        for b, row in enumerate(user_rows):
+            (exact if row < 0 or reqs[b].candidates is not None else approx).append(b)
         if exact:
-            answers = recommender.top_k_lists(users[exact], k, [reqs[b] for b in exact])
+            rows_tensor = torch.tensor([user_rows[b] for b in exact], dtype=torch.int64)
+            answers = recommender.top_k_lists(rows_tensor, k, [reqs[b] for b in exact])
             for b, answer in zip(exact, answers, strict=True):
                 results[b] = answer
-        exact_set = set(exact)
-        approx = [b for b in range(len(reqs)) if b not in exact_set]
         k = max(0, min(k, n_items))
         if not approx or k == 0:
             return results
-        tables = recommender.ranking_tables()
-        indptr, seen = tables.seen_indptr, tables.seen_indices
         banned: list[np.ndarray | None] = []
         for b in approx:
-            row, request = user_rows[b], reqs[b]
-            skip = seen[indptr[row] : indptr[row + 1]] if request.exclude_seen else None
+            request = reqs[b]
+            skip = recommender.seen_rows(user_rows[b]) if request.exclude_seen else None
             denied = request.exclude.numpy() if request.exclude is not None else None
             if denied is not None and denied.size:
                 skip = denied if skip is None else np.concatenate([skip, denied])
             # A row banned twice counts twice against the fetch: a wider margin, the same answer.
             banned.append(skip if skip is not None and skip.size else None)
-        rows = np.array([user_rows[b] for b in approx], dtype=np.int64)
+        rows = [user_rows[b] for b in approx]
         answers = self._best(
-            self.tables.user_query.numpy()[rows],
+            self._user_queries[rows],
             k,
             banned,
             search_params.get("ef_search"),
             search_params.get("nprobe"),
-            offsets=self.tables.user_offset.numpy()[rows],  # float32, as torch added it
+            offsets=self._user_offsets[rows],  # float32, as torch added it
         )
         for b, answer in zip(approx, answers, strict=True):
             results[b] = answer

@@ -153,6 +153,12 @@ class Recommender:
         ]
         return seen
 
+    def seen_rows(self, user_row: int) -> np.ndarray:
+        """The item rows a user rated in training (a numpy view of the CSR arrays, no copy)."""
+        indptr = self._seen_indptr_np
+        rows: np.ndarray = self._seen_indices_np[indptr[user_row] : indptr[user_row + 1]]
+        return rows
+
     def seen_count(self, user_row: int) -> int:
         """How many items a user rated in training (numpy, no tensor: the server asks per call)."""
         indptr = self._seen_indptr_np
