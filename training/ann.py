@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mfserve.training.ann_layout import locality_ordered
 from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact
 from mfserve.training.recommender import RankRequest
 
@@ -397,11 +398,18 @@ def _eligible(
 
 
 def build_index(
-    artifact: ModelArtifact, kind: str = "hnsw", *, seed: int = 0, **params: int
+    artifact: ModelArtifact,
+    kind: str = "hnsw",
+    *,
+    seed: int = 0,
+    locality: bool = True,
+    **params: int,
 ) -> AnnIndex:
     """Build an HNSW or IVF inner-product index over ``artifact``'s ranking item factors.
 
     ``params``: ``m``, ``ef_construction``, ``ef_search`` (hnsw); ``nlist``, ``nprobe`` (ivf).
+    ``locality``: renumber an HNSW graph so that neighbours sit together in memory (same answers,
+    faster walks on a large catalogue: :mod:`mfserve.training.ann_layout`).
     """
     if kind not in KINDS:
         raise AnnError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -413,12 +421,16 @@ def build_index(
     tables = ranking_tables(artifact)
     keys = _augmented_keys(tables)
     n, dim = keys.shape
+    extra: dict[str, Any] = {}
     started = time.perf_counter()
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, chosen["m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = chosen["ef_construction"]
         index.hnsw.efSearch = chosen["ef_search"]
         index.add(keys)
+        if locality:
+            index = locality_ordered(index, faiss)
+            extra["layout"] = "breadth-first"
     else:
         if chosen["nlist"] <= 0:
             chosen["nlist"] = max(
@@ -431,7 +443,7 @@ def build_index(
         index.add(keys)
         index.nprobe = chosen["nprobe"]
     seconds = time.perf_counter() - started
-    return AnnIndex(kind, index, chosen, tables, seconds, model_sha256(artifact))
+    return AnnIndex(kind, index, chosen, tables, seconds, model_sha256(artifact), extra=extra)
 
 
 def measure_recall(
