@@ -58,7 +58,8 @@ def _instrumented_serve(argv: list[str]) -> int:
     service.RecommenderService.TopK = top_k
     # The servicer binds these names when it is built, so they are wrapped where it reads them.
     for name in ("top_k_batch", "top_k_cost", "add_scored"):
-        setattr(service, name, _timed(name, getattr(service, name)))
+        if hasattr(service, name):  # an older checkout may lack one (for A/B runs by hand)
+            setattr(service, name, _timed(name, getattr(service, name)))
     for name, label in (("top_k_lists", "index top_k_lists"), ("_best", "index _best")):
         setattr(ann.AnnIndex, name, _timed(label, getattr(ann.AnnIndex, name)))
     ann.AnnIndex._raw_search = _timed("faiss search", ann.AnnIndex._raw_search)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = [_one_round(opts.model, opts.ef, opts) for _ in range(opts.rounds)]
     print(f"lone approximate TopK, --ann-ef-search {opts.ef}, p50 in us, {opts.rounds} rounds:")
     for step in rounds[0]:
-        print(f"  {step:22s} " + "  ".join(f"{r[step]:8.0f}" for r in rounds))
+        print(f"  {step:22s} " + "  ".join(f"{r.get(step, float('nan')):8.0f}" for r in rounds))
 
 
 if __name__ == "__main__":
