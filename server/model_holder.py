@@ -181,10 +181,13 @@ def serving_index(
     else:
         # nprobe inverted lists of about n_items / nlist vectors each.
         cost = value * -(-index.n_items // max(1, index.params.get("nlist", 1)))
+    # The layout says whether the graph was renumbered for locality (older indexes were not:
+    # rebuilding one with `mfserve index` makes its lone searches ~1.5x faster).
     log.info(
-        "mfserve: approximate TopK: %s index %s, serving %s=%d, built in %.0fs, from %s",
+        "mfserve: approximate TopK: %s index %s, layout %s, serving %s=%d, built in %.0fs, from %s",
         index.kind,
         " ".join(f"{k}={v}" for k, v in index.params.items()),
+        index.extra.get("layout", "item order"),
         knob,
         value,
         index.build_seconds,

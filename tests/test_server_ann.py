@@ -344,6 +344,7 @@ def test_workers_share_the_index_loaded_by_the_parent(indexed: Path) -> None:
         log = "".join(lines)
         # One index load, in the parent, before the fork.
         assert log.count("approximate TopK: hnsw index") == 1, log
+        assert "layout breadth-first" in log  # built now: renumbered for locality
         port = int(log.split("workers ready on ")[1].split()[0].rsplit(":", 1)[1])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.RecommenderServiceStub(channel)
