@@ -6,8 +6,8 @@ End-to-end latency at concurrency 1 swings by 0.1-0.3 ms between runs on a share
 most changes to the server's own path are worth. So this starts ``mfserve serve --ann hnsw`` with
 timers wrapped around the TopK handler and the steps inside it, drives it from a separate client
 process (grpc.aio, concurrency 1, random users), and prints each step's median from the server's
-side. The timers cost ~1 us each; compare runs of this script with each other, not with the
-harness.
+side, beside the canned-answer server's latency with the same client in the same round. The
+timers cost ~1 us each; compare runs of this script with each other, not with the harness.
 """
 
 from __future__ import annotations
@@ -97,6 +97,18 @@ def _one_round(model: Path, ef: int, opts: argparse.Namespace) -> dict[str, floa
     return {"end to end (client)": 1000 * result["p50_ms"], **medians}
 
 
+def _floor(model: Path, opts: argparse.Namespace) -> float:
+    from benchmarks.serve_probe import Server, run_client
+    from mfserve.training.artifact import resolve_version
+
+    server = Server(resolve_version(model), ["<empty>"])
+    try:
+        result = run_client(server.address, "topk", 1, opts)
+    finally:
+        server.stop()
+    return 1000 * float(result["p50_ms"])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
@@ -111,7 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     opts = parser.parse_args(argv)
     opts.channels = 1
-    rounds = [_one_round(opts.model, opts.ef, opts) for _ in range(opts.rounds)]
+    rounds = []
+    for _ in range(opts.rounds):
+        cells = _one_round(opts.model, opts.ef, opts)
+        # The canned-answer server with the same client just before or after: what the gRPC
+        # stack alone costs in this phase of the host, so "end to end" minus "handler" can be
+        # read against it.
+        rounds.append({"floor (canned answers)": _floor(opts.model, opts), **cells})
     print(f"lone approximate TopK, --ann-ef-search {opts.ef}, p50 in us, {opts.rounds} rounds:")
     for step in rounds[0]:
         print(f"  {step:22s} " + "  ".join(f"{r.get(step, float('nan')):8.0f}" for r in rounds))
