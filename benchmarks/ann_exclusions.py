@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=30, help="users per group")
     parser.add_argument("--batch", type=int, default=8, help="users per batch (1 heavy + median)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--item-order",
+        action="store_true",
+        help="keep the graph in item order (built indexes are renumbered for locality)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     index = load_index(version, recommender.artifact, "hnsw")
     source = "stored beside the version"
     if index is None:
-        index = build_index(recommender.artifact, "hnsw")
+        index = build_index(recommender.artifact, "hnsw", locality=not args.item_order)
         source = "built in memory, default settings"
     import faiss
 
