@@ -7,9 +7,10 @@ bottom layer, from the entry point, puts each node's neighbours close to it, so 
 reads share pages and cache lines. The graph, and so every answer, is the same: only the
 numbering changes.
 
-Measured on the 1M x 64 synthetic catalogue at efSearch 48 (by hand, alternating lone searches
-with 64 MB of other memory traffic between them): 249-295 us per search in item order, 162-202 us
-renumbered, with the same answers for every query; hot, 63 against 49 us.
+Measured on the 1M x 64 synthetic catalogue at efSearch 48 (``python -m benchmarks.ann_layout``:
+lone searches alternating between the two layouts, 64 MB of other memory traffic before each):
+278-298 us per search in item order, 191-200 us renumbered, the same answers for every query;
+hot, 86-123 against 63-91 us. In a serving process the search went from ~240 to ~180 us.
 
 The renumbered index is wrapped in a faiss ``IndexIDMap`` holding each node's item row, so
 searches still answer item rows and ``IDSelector`` exclusions still name item rows (faiss
