@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mfserve.training.ann import build_index
+from mfserve.training.ann_build import build_index
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, resolve_version
 from mfserve.training.recommender import RankRequest, Recommender

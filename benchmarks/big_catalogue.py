@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from mfserve.server.idle_poll import IdlePoll
-from mfserve.training.ann import AnnIndex, build_index, measure_recall, ranking_tables
+from mfserve.training.ann import AnnIndex, ranking_tables
+from mfserve.training.ann_build import build_index, measure_recall
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, resolve_version
 from mfserve.training.recommender import RankRequest, Recommender

@@ -17,10 +17,9 @@ from mfserve.training.ann import (
     MAX_WIDENED_EF,
     SHARED_EXCLUSIONS,
     AnnError,
-    build_index,
-    measure_recall,
     ranking_tables,
 )
+from mfserve.training.ann_build import build_index, measure_recall
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender

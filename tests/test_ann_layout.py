@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mfserve.training.ann import build_index, faiss_module
+from mfserve.training.ann import faiss_module
+from mfserve.training.ann_build import build_index
 from mfserve.training.ann_layout import breadth_first_order, locality_ordered
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, save_artifact

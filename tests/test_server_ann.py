@@ -22,7 +22,8 @@ pytest.importorskip("faiss")
 from server_harness import running_server, running_server_handle, serve_command
 
 from mfserve.server.app import ServerConfig, create_server
-from mfserve.training.ann import AnnError, build_index, ranking_tables
+from mfserve.training.ann import AnnError, ranking_tables
+from mfserve.training.ann_build import build_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
 from mfserve.training.synthetic import synthetic_artifact

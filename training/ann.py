@@ -1,6 +1,7 @@
 """Optional approximate top-k: a faiss index over the ranking item factors, stored beside a version.
 
-Stored beside a version by :mod:`mfserve.training.ann_store` (sidecar files with checksums).
+Built by :mod:`mfserve.training.ann_build`, stored beside a version by
+:mod:`mfserve.training.ann_store` (sidecar files with checksums).
 
 Exactness: the ranking score is ``query . item + item_bias + user_offset``. Appending 1 to the query
 and the bias to the item vector makes the inner product equal ``query . item + item_bias`` exactly,
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mfserve.training.ann_layout import locality_ordered
 from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact
 from mfserve.training.recommender import RankRequest
 
@@ -114,13 +113,6 @@ def ranking_tables(artifact: ModelArtifact) -> RankingTables:
         tensors["item_bias"],
         tensors["user_bias"] + artifact.global_mean,
     )
-
-
-def _augmented_keys(tables: RankingTables) -> np.ndarray:
-    keys = tables.item_keys.to(torch.float32)
-    if tables.item_bias is not None:
-        keys = torch.cat([keys, tables.item_bias.to(torch.float32).unsqueeze(1)], dim=1)
-    return np.ascontiguousarray(keys.numpy())
 
 
 @dataclass
@@ -395,77 +387,3 @@ def _eligible(
             if len(items) == k:
                 break
     return items, kept
-
-
-def build_index(
-    artifact: ModelArtifact,
-    kind: str = "hnsw",
-    *,
-    seed: int = 0,
-    locality: bool = True,
-    **params: int,
-) -> AnnIndex:
-    """Build an HNSW or IVF inner-product index over ``artifact``'s ranking item factors.
-
-    ``params``: ``m``, ``ef_construction``, ``ef_search`` (hnsw); ``nlist``, ``nprobe`` (ivf).
-    ``locality``: renumber an HNSW graph so that neighbours sit together in memory (same answers,
-    faster walks on a large catalogue: :mod:`mfserve.training.ann_layout`).
-    """
-    if kind not in KINDS:
-        raise AnnError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
-    unknown = set(params) - set(DEFAULT_PARAMS[kind])
-    if unknown:
-        raise AnnError(f"unknown {kind} parameter(s): {', '.join(sorted(unknown))}")
-    faiss = faiss_module()
-    chosen = {**DEFAULT_PARAMS[kind], **params}
-    tables = ranking_tables(artifact)
-    keys = _augmented_keys(tables)
-    n, dim = keys.shape
-    extra: dict[str, Any] = {}
-    started = time.perf_counter()
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, chosen["m"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = chosen["ef_construction"]
-        index.hnsw.efSearch = chosen["ef_search"]
-        index.add(keys)
-        if locality:
-            index = locality_ordered(index, faiss)
-            extra["layout"] = "breadth-first"
-    else:
-        if chosen["nlist"] <= 0:
-            chosen["nlist"] = max(
-                1, min(n // 39, int(4 * n**0.5))
-            )  # faiss wants >= 39 points a list
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, chosen["nlist"], faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.train(keys)
-        index.add(keys)
-        index.nprobe = chosen["nprobe"]
-    seconds = time.perf_counter() - started
-    return AnnIndex(kind, index, chosen, tables, seconds, model_sha256(artifact), extra=extra)
-
-
-def measure_recall(
-    recommender: Recommender,
-    index: AnnIndex,
-    n_queries: int,
-    k: int = 10,
-    *,
-    seed: int = 0,
-    exclude_seen: bool = False,
-    **search_params: int,
-) -> float:
-    """Mean recall@k of the index against ``Recommender.top_k``'s exact chunked scoring."""
-    generator = torch.Generator().manual_seed(seed)
-    n_queries = min(n_queries, recommender.n_users)
-    users = torch.randperm(recommender.n_users, generator=generator)[:n_queries]
-    requests = [RankRequest(exclude_seen=exclude_seen)] * n_queries
-    exact = recommender.top_k(users, k, requests)
-    approx = index.top_k(recommender, users, k, requests, **search_params)
-    hits = 0
-    total = 0
-    for (exact_rows, _), (approx_rows, _) in zip(exact, approx, strict=True):
-        hits += int(torch.isin(approx_rows, exact_rows).sum())
-        total += exact_rows.numel()
-    return hits / max(total, 1)

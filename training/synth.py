@@ -144,7 +144,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def _build_and_save(folder: Any, kind: str, params: dict[str, int], seed: int, command: str) -> int:
-    from mfserve.training.ann import AnnError, build_index
+    from mfserve.training.ann import AnnError
+    from mfserve.training.ann_build import build_index
     from mfserve.training.artifact import ArtifactError, load_artifact
 
     try:
