@@ -350,13 +350,15 @@ class AnnIndex:
             # A row banned twice counts twice against the fetch: a wider margin, the same answer.
             banned.append(skip if skip is not None and skip.size else None)
         rows = [user_rows[b] for b in approx]
+        # One row is a slice (a view); several a gather (the usual batch under load).
+        pick: list[int] | slice = slice(rows[0], rows[0] + 1) if len(rows) == 1 else rows
         answers = self._best(
-            self._user_queries[rows],
+            self._user_queries[pick],
             k,
             banned,
             search_params.get("ef_search"),
             search_params.get("nprobe"),
-            offsets=self._user_offsets[rows],  # float32, as torch added it
+            offsets=self._user_offsets[pick],  # float32, as torch added it
         )
         for b, answer in zip(approx, answers, strict=True):
             results[b] = answer
