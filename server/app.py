@@ -37,6 +37,7 @@ from mfserve.server.batching import (
     DEFAULT_MAX_QUEUE_DELAY_US,
     INLINE_PREDICT_PAIRS,
 )
+from mfserve.server.cpu_pinning import pin_process
 from mfserve.server.gc_pauses import GcPauses
 from mfserve.server.interceptors import AccessLogInterceptor
 from mfserve.server.model_holder import ANN_MODES, ModelHolder, ModelSource, describe
@@ -114,6 +115,10 @@ class ServerConfig:
     # Per-call search parameters; 0 uses the value stored with the index.
     ann_ef_search: int = 0
     ann_nprobe: int = 0
+    # CPUs to bind serving processes to (mfserve.server.cpu_pinning): serve() binds the process
+    # to the first, a worker to its own in turn; () leaves the kernel to place threads. Applied
+    # by serve() only, as it is process-wide: create_server() leaves the process as it is.
+    pin_cpus: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         checks = {
@@ -135,6 +140,7 @@ class ServerConfig:
             "ann": self.ann in ANN_MODES,
             "ann_ef_search": self.ann_ef_search >= 0,
             "ann_nprobe": self.ann_nprobe >= 0,
+            "pin_cpus": all(cpu >= 0 for cpu in self.pin_cpus),
         }
         for name, ok in checks.items():
             if not ok:
@@ -314,8 +320,15 @@ def lone_torch_threads(config: ServerConfig) -> int:
     """Torch threads for the event loop's lone calls (0: leave them at ``torch_threads``)."""
     if not config.compute_threads or not config.lone_torch_threads:
         return 0  # with compute_threads 0 every batch runs on the loop, under load too
-    share = max(1, (os.cpu_count() or 1) // max(1, config.workers))
-    return min(config.lone_torch_threads, share)
+    return min(config.lone_torch_threads, process_cores(config))
+
+
+def process_cores(config: ServerConfig) -> int:
+    """The cores one serving process may count on: 1 when pinned, else its share of them."""
+    if config.pin_cpus:
+        return 1
+    workers = config.workers or os.cpu_count() or 1
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def create_server(
@@ -382,6 +395,10 @@ def serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> in
 
         code: int = serve_workers(config, model_path)
         return code
+    if config.pin_cpus:
+        # Before loading, so that every thread started from here on inherits the binding.
+        pin_process(config.pin_cpus[0])
+        log.info("mfserve: pinned to CPU %d", config.pin_cpus[0])
     set_torch_threads(config.torch_threads)
     gc.disable()  # nothing to collect while loading, as in serve_workers
     try:

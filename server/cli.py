@@ -205,6 +205,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "price of CPUs that always look busy (Linux; default: off)",
     )
     parser.add_argument(
+        "--pin-cpus",
+        nargs="?",
+        const="auto",
+        default="",
+        metavar="CPUS",
+        help="bind each server process to one CPU, so the hand-offs between its threads stay on "
+        "that CPU: lower latency, above all on virtual machines, but one core per process. The "
+        "process takes the first CPU of the list, a --workers worker the next in turn. CPUS: "
+        "auto (the CPUs this process may use) or a list like 0,2-3; the flag alone means auto "
+        "(Linux; default: off)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         help="log one line per call: method, status, milliseconds, peer (default: off)",
@@ -249,6 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("mfserve.server")
     try:
         from mfserve.server.app import BindError, MiB, ServerConfig, serve
+        from mfserve.server.cpu_pinning import PinningError, parse_cpu_list
         from mfserve.server.idle_poll import IdlePoll, IdlePollError
         from mfserve.training.ann import AnnError
         from mfserve.training.artifact import ArtifactError
@@ -259,6 +272,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        pin_cpus = parse_cpu_list(args.pin_cpus) if args.pin_cpus else ()
         config = ServerConfig(
             host=args.host,
             port=args.port,
@@ -279,8 +293,9 @@ def run_serve(args: argparse.Namespace) -> int:
             ann=args.ann,
             ann_ef_search=args.ann_ef_search,
             ann_nprobe=args.ann_nprobe,
+            pin_cpus=pin_cpus,
         )
-    except ValueError as exc:
+    except (PinningError, ValueError) as exc:
         print(f"mfserve serve: {exc}", file=sys.stderr)
         return 2
     try:

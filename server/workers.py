@@ -9,7 +9,7 @@ One grpc.aio process is bound to one core by the GIL. To use all cores, the pare
    ``fork``), then ``gc.freeze()``\\ s the heap so that the workers' garbage collections never write
    to the millions of id and metadata objects (a write would copy their pages into each worker);
 3. forks the workers before any gRPC object exists (gRPC's documented multiprocessing pattern).
-   Each sets its torch threads, binds the port with ``grpc.so_reuseport`` and serves. The factor
+   Each binds itself to its CPU (``--pin-cpus``, optional), sets its torch threads, binds the port with ``grpc.so_reuseport`` and serves. The factor
    tables are read-only memory maps of the artifact, and everything else was built before the
    fork: all of it is shared between the workers (page cache and copy-on-write) instead of copied;
 4. supervises: forwards SIGTERM/SIGINT to the workers and exits 0 once all of them have stopped
@@ -36,7 +36,14 @@ import time
 from dataclasses import replace
 from types import FrameType
 
-from mfserve.server.app import BindError, ServerConfig, create_server, run_until_signal
+from mfserve.server.app import (
+    BindError,
+    ServerConfig,
+    create_server,
+    process_cores,
+    run_until_signal,
+)
+from mfserve.server.cpu_pinning import cpu_for_worker, pin_process
 from mfserve.server.model_holder import ModelHolder, ServingModel, describe
 from mfserve.server.threads import set_torch_threads
 
@@ -199,10 +206,13 @@ def _worker_main(
         for signum in SIGNALS:  # the parent's forwarding handlers mean nothing here
             signal.signal(signum, signal.SIG_DFL)
         _tag_log_lines(number)
+        if config.pin_cpus:  # first, so every thread this worker starts inherits it
+            cpu = cpu_for_worker(config.pin_cpus, number - 1)
+            pin_process(cpu)
+            log.info("mfserve: pinned to CPU %d", cpu)
         # 0 ("torch's default") becomes this worker's share of the cores: the default of one per
         # core in every worker would oversubscribe them N times over.
-        cores = max(1, (os.cpu_count() or 1) // worker_count(config))
-        set_torch_threads(config.torch_threads or cores)
+        set_torch_threads(config.torch_threads or process_cores(config))
 
         def started(port: int) -> None:
             os.write(ready_fd, READY)

@@ -29,6 +29,7 @@ FLAGS = [
     "--max-queue-delay-us",
     "--workers",
     "--torch-threads",
+    "--pin-cpus",
     "--access-log",
     "--log-level",
 ]
@@ -87,6 +88,7 @@ def test_defaults_match_server_config() -> None:
     assert args.ann_ef_search == defaults.ann_ef_search
     assert args.ann_nprobe == defaults.ann_nprobe
     assert args.access_log is defaults.access_log is False
+    assert args.pin_cpus == "" and defaults.pin_cpus == ()
     assert args.handler is cli.run_serve
     # Every ServerConfig field is reachable from the command line or fixed on purpose.
     fixed = {"so_reuseport"}  # turned on by --workers in its worker processes, never by hand
@@ -110,6 +112,7 @@ def test_defaults_match_server_config() -> None:
         "ann",
         "ann_ef_search",
         "ann_nprobe",
+        "pin_cpus",
     }
 
 
