@@ -161,6 +161,8 @@ def serve_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespa
         label = "stored ef_search" if ef == 0 else f"--ann-ef-search {ef}"
         extra = ["--ann", "hnsw"] + (["--ann-ef-search", str(ef)] if ef else [])
         configs.append((f"approximate (--ann hnsw, {label})", extra))
+    if args.pin_cpus:
+        configs = [(label, [*extra, "--pin-cpus", args.pin_cpus]) for label, extra in configs]
     lines = [
         "",
         "## End to end: `mfserve serve` subprocess, separate client processes",
@@ -174,6 +176,11 @@ def serve_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespa
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     polling = IdlePoll() if args.idle_poll else contextlib.nullcontext()
+    if args.pin_cpus:
+        lines[4:4] = [
+            "",
+            f"Every server, the floor included, bound to one CPU (`--pin-cpus {args.pin_cpus}`).",
+        ]
     if args.idle_poll:
         lines[4:4] = [
             "",
@@ -196,9 +203,10 @@ def _serve_configs(
     lines: list[str] = []
     exact_answers: dict[str, list[str]] | None = None
     for label, extra in configs:
-        empty = extra == ["<empty>"]
+        empty = extra[0] == "<empty>"
+        floor = ["python", "-m", "mfserve.server.bench.empty_server", "--model", str(version)]
         command = (
-            f"python -m mfserve.server.bench.empty_server --model {version}"
+            shlex.join([*floor, *extra[1:]])
             if empty
             else f"mfserve serve --model {version} --port 0 {shlex.join(extra)}"
         )
@@ -302,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--serve: keep the CPUs busy with mfserve serve --idle-poll's SCHED_IDLE spinners "
         "for the whole measurement, so the floor and every server are measured alike",
+    )
+    parser.add_argument(
+        "--pin-cpus",
+        default="",
+        metavar="CPUS",
+        help="--serve: every server, the floor included, bound to the first CPU of CPUS "
+        "(mfserve serve --pin-cpus); load clients stay unbound",
     )
     parser.add_argument("--recall-users", type=int, default=200, help="--serve: users for recall")
     parser.add_argument(

@@ -140,13 +140,14 @@ class Server:
     def __init__(self, model: Path, extra: list[str]) -> None:
         command = [sys.executable, "-m", "mfserve.server", "serve", "--model", str(model),
                    "--port", "0", *extra]  # fmt: skip
-        if extra == ["<empty>"]:
+        if extra[:1] == ["<empty>"]:  # the floor, with any arguments after the marker
             command = [
                 sys.executable,
                 "-m",
                 "mfserve.server.bench.empty_server",
                 "--model",
                 str(model),
+                *extra[1:],
             ]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

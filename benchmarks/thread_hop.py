@@ -8,9 +8,14 @@ one trip at a time on an otherwise idle process, two ways:
   ``loop.call_soon_threadsafe``, as ``mfserve.server.batching.Batcher`` does;
 * ``queue``: a bare thread reading a ``queue.SimpleQueue`` (the leanest pure-Python hop).
 
+Each way runs twice a round: with the threads free to run on any CPU, and with both bound to one
+CPU (what ``mfserve serve --pin-cpus`` does to a serving process; the threads are started after
+the binding, so they inherit it).
+
 Reports the median over ``--rounds`` of the wall time and the process CPU time (both threads,
-user + system) per trip. On a small VM most of it is the kernel's thread wake-ups, which is
-why ``--predict-on-loop-pairs`` exists for calls cheaper than the trip.
+user + system) per trip. On a small VM most of it is the kernel's thread wake-ups across CPUs,
+which is why ``--predict-on-loop-pairs`` exists for calls cheaper than the trip, and why
+``--pin-cpus`` lowers latency.
 
     python -m benchmarks.thread_hop [--trips 20000] [--rounds 5]
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import queue
 import statistics
 import threading
@@ -76,17 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     ways = {"executor": _executor_trips, "queue": _queue_trips}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
-    for _ in range(args.rounds):  # alternate, so drift on the host hits both alike
+    free = os.sched_getaffinity(0)
+    placements = {"any CPU": free, f"one CPU ({min(free)})": {min(free)}}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (name, where): [] for name in ways for where in placements
+    }
+    for _ in range(args.rounds):  # alternate, so drift on the host hits all alike
         for name, run in ways.items():
-            results[name].append(_time(args.trips, run))
+            for where, cpus in placements.items():
+                os.sched_setaffinity(0, cpus)  # this thread; the hop's threads start after it
+                results[name, where].append(_time(args.trips, run))
+    os.sched_setaffinity(0, free)
     print(f"{args.trips:,} trips per round, median of {args.rounds} rounds\n")
-    print("| hop | wall us per trip | CPU us per trip |")
-    print("|---|---:|---:|")
-    for name, rows in results.items():
+    print("| hop | threads on | wall us per trip | CPU us per trip |")
+    print("|---|---|---:|---:|")
+    for (name, where), rows in results.items():
         wall = statistics.median(row[0] for row in rows)
         cpu = statistics.median(row[1] for row in rows)
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} |")
+        print(f"| {name} | {where} | {wall:.1f} | {cpu:.1f} |")
     return 0
 
 

@@ -6,9 +6,11 @@ baseline servers and the load clients work together end to end.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from server_harness import wait_for
 
 from mfserve.client._cli import main
 
@@ -140,3 +142,53 @@ def test_combine_takes_medians_and_per_round_ratios() -> None:
     assert ours.vs_empty == pytest.approx(0.5)
     assert ours.vs_empty_range == pytest.approx((0.3, 0.8))
     assert ours.errors == {"X": 3} and ours.calls == 30 and ours.rounds == 3
+
+
+def test_pinning_reaches_every_server_and_a_bad_list_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mfserve.server.bench.harness import parse_args
+    from mfserve.server.bench.processes import server_specs
+
+    args = parse_args(["--servers", "empty,naive,mfserve", "--pin-cpus", "auto"])
+    specs = server_specs(
+        Path("m/1"), ["--max-k=50"], {"loop": ["--compute-threads", "0"]}, pin_cpus=args.pin_cpus
+    )
+    for spec in specs.values():  # the floors too, so they are measured alike
+        assert spec.argv[-2:] == ["--pin-cpus", "auto"], spec.name
+    with pytest.raises(SystemExit):
+        parse_args(["--pin-cpus", "0-x"])
+    assert "--pin-cpus '0-x'" in capsys.readouterr().err
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_a_pinned_run_serves_every_cell(tmp_path: Path) -> None:
+    servers = ["--servers", "empty,mfserve", "--rpcs", "topk", "--concurrency", "1"]
+    table = bench_table(tmp_path, "--quick", "--pin-cpus", "auto", *servers)
+    assert "--pin-cpus auto" in table  # the command line, as run
+    for server in ("empty", "mfserve"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {server} | TopK |"))
+        assert float(row.split("|")[4].replace(",", "")) > 0, row
+        assert row.rstrip("| ").endswith("| 0"), row  # no errors
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_server_cpu_counts_the_workers_and_not_the_spinners(model_dir: Path) -> None:
+    from mfserve.server.bench.processes import RunningServer, server_specs
+
+    variants = {"w2": ["--workers", "2", "--idle-poll", "--access-log"]}
+    spec = server_specs(model_dir, [], variants)["w2"]
+    server = RunningServer(spec, timeout=120)
+    try:
+        assert wait_for(lambda: "2 workers ready" in "\n".join(server.tail), timeout=120)
+        pids = server._server_pids()
+        worker_pids = {
+            int(m) for m in re.findall(r"\[worker \d+ pid (\d+)\]", "\n".join(server.tail))
+        }
+        # The parent and its two workers; the spinner processes (children too) are left out.
+        assert pids[0] == server.proc.pid and set(pids[1:]) == worker_pids and len(pids) == 3
+        assert server.cpu_seconds() > 0
+    finally:
+        server.stop()

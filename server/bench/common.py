@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from mfserve.server.cpu_pinning import PinningError, parse_cpu_list, pin_process
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
 READY_PREFIX = "PORT "
@@ -34,7 +35,21 @@ def server_args(
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--pin-cpus",
+        default="",
+        metavar="CPUS",
+        help="bind the process to the first CPU of this list, as mfserve serve --pin-cpus does, "
+        "so a floor is measured alike (default: off)",
+    )
+    args = parser.parse_args(argv)
+    if args.pin_cpus:
+        try:
+            cpus = parse_cpu_list(args.pin_cpus)
+        except PinningError as exc:
+            parser.error(str(exc))
+        pin_process(cpus[0])  # before grpc starts its threads, so they inherit it
+    return args
 
 
 def read_ids(version: Path) -> tuple[list[str], list[str]]:

@@ -62,6 +62,7 @@ from mfserve.server.bench.processes import (
     RunningServer,
     server_specs,
 )
+from mfserve.server.cpu_pinning import PinningError, parse_cpu_list
 
 
 def run_cell(
@@ -208,6 +209,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "others, e.g. --variant 'loop=--compute-threads 0'; repeatable",
     )
     parser.add_argument(
+        "--pin-cpus",
+        default="",
+        metavar="CPUS",
+        help="bind every server, the floors included, to the first CPU of CPUS (each server's "
+        "own --pin-cpus), so all are measured alike; load clients stay unbound (default: off)",
+    )
+    parser.add_argument(
         "--server-timeout", type=float, default=120.0, help="seconds to wait for a server to bind"
     )
     parser.add_argument(
@@ -239,6 +247,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants[name] = shlex.split(extra)
         if name not in args.server_list:
             args.server_list.append(name)
+    if args.pin_cpus:
+        try:
+            parse_cpu_list(args.pin_cpus)
+        except PinningError as exc:
+            parser.error(str(exc))
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if unknown or not args.concurrency_list or min(args.concurrency_list) < 1:
@@ -250,7 +263,7 @@ def start_servers(
     args: argparse.Namespace, version: Path
 ) -> dict[str, tuple[RunningServer, ClientPool] | None]:
     """Every server and its load clients, started before any cell (None: failed to start)."""
-    specs = server_specs(version, args.mfserve_arg, args.variants)
+    specs = server_specs(version, args.mfserve_arg, args.variants, pin_cpus=args.pin_cpus)
     running: dict[str, tuple[RunningServer, ClientPool] | None] = {}
     for name in args.server_list:
         try:

@@ -28,9 +28,26 @@ BASE_SERVERS = ("empty", "empty-hop", "naive", "mfserve")
 
 
 def server_specs(
-    version: Path, mfserve_args: list[str], variants: dict[str, list[str]] | None = None
+    version: Path,
+    mfserve_args: list[str],
+    variants: dict[str, list[str]] | None = None,
+    *,
+    pin_cpus: str = "",
 ) -> dict[str, ServerSpec]:
-    """How to start each server; ``variants`` are more mfserve servers (name -> extra args)."""
+    """How to start each server; ``variants`` are more mfserve servers (name -> extra args);
+    ``pin_cpus``: every server gets ``--pin-cpus`` with it."""
+    specs = _specs(version, mfserve_args, variants)
+    if not pin_cpus:
+        return specs
+    return {
+        name: ServerSpec(name, [*spec.argv, "--pin-cpus", pin_cpus], spec.ready)
+        for name, spec in specs.items()
+    }
+
+
+def _specs(
+    version: Path, mfserve_args: list[str], variants: dict[str, list[str]] | None
+) -> dict[str, ServerSpec]:
     py = sys.executable
     plain = re.compile(r"^PORT (\d+)\s*$")
     # The real server logs "mfserve: serving NAME vN on HOST:PORT" once it is bound.
@@ -98,12 +115,26 @@ class RunningServer:
                 ports.put(int(match.group(1)))
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc; 0 elsewhere)."""
+        """User + system CPU time so far of the server process and of its ``--workers`` (forked
+        children running the same command; not ``--idle-poll``'s spinners, which are not server
+        work). Linux /proc; 0 elsewhere."""
+        return sum(_cpu_seconds(pid) for pid in self._server_pids())
+
+    def _server_pids(self) -> list[int]:
+        pid = self.proc.pid
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return [pid]
+        workers = []
+        for child in map(int, children):
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                    workers.append(child)
+            except OSError:  # exited meanwhile
+                continue
+        return [pid, *workers]
 
     def rss_mb(self) -> float:
         try:
@@ -134,6 +165,14 @@ class RunningServer:
             for line in self.tail
             if any(prefix in line for prefix in wanted)
         ]
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ClientPool:
