@@ -149,6 +149,11 @@ def test_flags_parse() -> None:
     )
 
 
+def test_pin_cpus_alone_means_auto() -> None:
+    assert parser().parse_args(["serve", "--pin-cpus", "--model", "m"]).pin_cpus == "auto"
+    assert parser().parse_args(["serve", "--model", "m", "--pin-cpus", "0,2-3"]).pin_cpus == "0,2-3"
+
+
 def test_missing_model_exits_1_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         serve_command(tmp_path / "no-such-model"),
