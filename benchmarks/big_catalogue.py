@@ -161,6 +161,11 @@ def serve_rows(version: Path, n_users: int, n_items: int, args: argparse.Namespa
         label = "stored ef_search" if ef == 0 else f"--ann-ef-search {ef}"
         extra = ["--ann", "hnsw"] + (["--ann-ef-search", str(ef)] if ef else [])
         configs.append((f"approximate (--ann hnsw, {label})", extra))
+    if args.serve_arg:
+        configs = [
+            (label, extra if extra == ["<empty>"] else [*extra, *args.serve_arg])
+            for label, extra in configs
+        ]
     if args.pin_cpus:
         configs = [(label, [*extra, "--pin-cpus", args.pin_cpus]) for label, extra in configs]
     lines = [
@@ -317,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CPUS",
         help="--serve: every server, the floor included, bound to the first CPU of CPUS "
         "(mfserve serve --pin-cpus); load clients stay unbound",
+    )
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="--serve: extra `mfserve serve` argument for every mfserve server (not the floor), "
+        "repeatable: --serve-arg=--workers=2",
     )
     parser.add_argument("--recall-users", type=int, default=200, help="--serve: users for recall")
     parser.add_argument(
