@@ -261,7 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("mfserve.server")
     try:
         from mfserve.server.app import BindError, MiB, ServerConfig, serve
-        from mfserve.server.cpu_pinning import PinningError, parse_cpu_list
+        from mfserve.server.cpu_pinning import parse_cpu_list
         from mfserve.server.idle_poll import IdlePoll, IdlePollError
         from mfserve.training.ann import AnnError
         from mfserve.training.artifact import ArtifactError
@@ -295,7 +295,7 @@ def run_serve(args: argparse.Namespace) -> int:
             ann_nprobe=args.ann_nprobe,
             pin_cpus=pin_cpus,
         )
-    except (PinningError, ValueError) as exc:
+    except ValueError as exc:  # a bad --pin-cpus list (PinningError) too
         print(f"mfserve serve: {exc}", file=sys.stderr)
         return 2
     try:
