@@ -1,5 +1,6 @@
-"""Benchmark scripts, run from the repository root as modules (``python -m benchmarks.train_quality``).
+"""Benchmarks, run from the repository root as modules (``python -m benchmarks.train_quality``).
 
-The serving harness itself is installed as ``mfserve bench`` (``mfserve.server.bench``), so a
-deployment can be measured where it runs.
+Not installed: benchmarks import ``mfserve``, and nothing in ``mfserve`` imports them
+(``tests/test_import_directions.py``). The serving harness is ``benchmarks.harness``
+(``python -m benchmarks.harness``); the other modules are single measurements.
 """

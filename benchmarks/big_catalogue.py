@@ -209,7 +209,7 @@ def _serve_configs(
     exact_answers: dict[str, list[str]] | None = None
     for label, extra in configs:
         empty = extra[0] == "<empty>"
-        floor = ["python", "-m", "mfserve.server.bench.empty_server", "--model", str(version)]
+        floor = ["python", "-m", "benchmarks.harness.empty_server", "--model", str(version)]
         command = (
             shlex.join([*floor, *extra[1:]])
             if empty

@@ -33,7 +33,7 @@ from typing import Any
 
 READY = re.compile(r"mfserve: (?:serving .+|\d+ workers ready) on (\S+):(\d+)|^PORT (\d+)")
 CONFIGS = {
-    "empty": ["<empty>"],  # mfserve.server.bench.empty_server: the gRPC floor, no model work
+    "empty": ["<empty>"],  # benchmarks.harness.empty_server: the gRPC floor, no model work
     "delay0": ["--max-queue-delay-us", "0"],
     "delay200": ["--max-queue-delay-us", "200"],
     "nobatch": ["--max-batch-size", "1"],
@@ -144,7 +144,7 @@ class Server:
             command = [
                 sys.executable,
                 "-m",
-                "mfserve.server.bench.empty_server",
+                "benchmarks.harness.empty_server",
                 "--model",
                 str(model),
                 *extra[1:],

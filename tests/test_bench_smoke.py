@@ -7,33 +7,36 @@ baseline servers and the load clients work together end to end.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from server_harness import wait_for
 
-from mfserve.client._cli import main
+from benchmarks.harness.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
 TINY_MODEL = ["--users", "50", "--items", "2000", "--factors", "16"]
 
 
 def bench_table(tmp_path: Path, *args: str) -> str:
-    """``mfserve bench`` on a tiny synthetic model with short cells; its markdown table."""
+    """The harness on a tiny synthetic model with short cells; its markdown table."""
     markdown = tmp_path / "bench.md"
-    assert main(["bench", *args, *SHORT, *TINY_MODEL, "--markdown", str(markdown)]) == 0
+    assert main([*args, *SHORT, *TINY_MODEL, "--markdown", str(markdown)]) == 0
     return markdown.read_text()
 
 
 @pytest.mark.bench
 @pytest.mark.timeout(180)
 def test_quick_run_writes_every_row(tmp_path: Path) -> None:
-    """Through the real ``mfserve bench`` command, as a user would run it."""
+    """Through the harness's own entry point, as ``python -m benchmarks.harness`` runs it."""
     text = bench_table(
         tmp_path, "--quick", "--servers", "empty,empty-hop,naive", "--concurrency", "1,2"
     )
     assert "| server | rpc | concurrency | QPS | pairs/s | p50 ms |" in text
-    assert "Command: `mfserve bench --quick" in text
+    assert "Command: `python -m benchmarks.harness --quick" in text
     assert "grpcio" in text and "torch" in text
     names = ("empty", "empty-hop", "naive")
     rows = [line for line in text.splitlines() if line.startswith(tuple(f"| {n} " for n in names))]
@@ -47,16 +50,33 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     assert all("| 1.00x |" in r for r in rows if r.startswith("| empty "))
 
 
+def test_the_harness_runs_as_a_module_from_the_repository_root() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.harness", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m benchmarks.harness")
+
+
 def test_the_table_carries_the_servers_shutdown_log() -> None:
-    from mfserve.server.bench.cells import Cell, render_markdown
+    from benchmarks.harness.cells import Cell, render_markdown
 
     cells = [Cell("mfserve", "topk", 64, calls=10, qps=5.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0)]
     log = ["mfserve: batching top_k: 10 calls in 2 batches (mean 5.0, max 6), 0 computed inline"]
-    text = render_markdown(cells, {"cores": "2"}, "mfserve bench", "m", (0.1, 0.2), log)
+    text = render_markdown(
+        cells, {"cores": "2"}, "python -m benchmarks.harness", "m", (0.1, 0.2), log
+    )
     assert "| mfserve | TopK | 64 |" in text
     assert text.index("Server log at shutdown") > text.index("| mfserve | TopK")
     assert log[0] in text
-    assert "Server log" not in render_markdown(cells, {}, "mfserve bench", "m", (0.1, 0.2))
+    assert "Server log" not in render_markdown(
+        cells, {}, "python -m benchmarks.harness", "m", (0.1, 0.2)
+    )
 
 
 @pytest.mark.bench
@@ -105,7 +125,7 @@ def test_the_table_ends_with_mfserves_shutdown_log(tmp_path: Path) -> None:
 def test_a_bad_variant_is_refused_before_any_server_starts(
     variant: str, complaint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mfserve.server.bench.harness import parse_args
+    from benchmarks.harness.cli import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--variant", variant])
@@ -113,8 +133,8 @@ def test_a_bad_variant_is_refused_before_any_server_starts(
 
 
 def test_variants_join_the_servers_in_order_with_their_own_arguments() -> None:
-    from mfserve.server.bench.harness import parse_args
-    from mfserve.server.bench.processes import server_specs
+    from benchmarks.harness.cli import parse_args
+    from benchmarks.harness.processes import server_specs
 
     variants = ["--variant", "loop=--compute-threads 0", "--variant", "wide=--max-batch-size 128"]
     args = parse_args(["--servers", "empty,mfserve", "--mfserve-arg=--max-k=50", *variants])
@@ -126,7 +146,7 @@ def test_variants_join_the_servers_in_order_with_their_own_arguments() -> None:
 
 
 def test_combine_takes_medians_and_per_round_ratios() -> None:
-    from mfserve.server.bench.cells import Cell, combine, set_ratios
+    from benchmarks.harness.cells import Cell, combine, set_ratios
 
     rounds = []
     for empty_qps, ours_qps, p50 in ((100.0, 50.0, 1.0), (200.0, 160.0, 3.0), (300.0, 90.0, 2.0)):
@@ -147,8 +167,8 @@ def test_combine_takes_medians_and_per_round_ratios() -> None:
 def test_pinning_reaches_every_server_and_a_bad_list_is_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mfserve.server.bench.harness import parse_args
-    from mfserve.server.bench.processes import server_specs
+    from benchmarks.harness.cli import parse_args
+    from benchmarks.harness.processes import server_specs
 
     args = parse_args(["--servers", "empty,naive,mfserve", "--pin-cpus", "auto"])
     specs = server_specs(
@@ -176,7 +196,7 @@ def test_a_pinned_run_serves_every_cell(tmp_path: Path) -> None:
 @pytest.mark.bench
 @pytest.mark.timeout(180)
 def test_server_cpu_counts_the_workers_and_not_the_spinners(model_dir: Path) -> None:
-    from mfserve.server.bench.processes import RunningServer, server_specs
+    from benchmarks.harness.processes import RunningServer, server_specs
 
     variants = {"w2": ["--workers", "2", "--idle-poll", "--access-log"]}
     spec = server_specs(model_dir, [], variants)["w2"]

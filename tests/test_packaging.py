@@ -123,6 +123,26 @@ def test_wheel_has_only_the_mfserve_namespace(wheel: Wheel) -> None:
     # Every source package is installed under mfserve/, never as a bare top-level name.
     for bare in ("server", "client", "training", "protos", "tests", "benchmarks"):
         assert not any(name.startswith(f"{bare}/") for name in wheel.names), bare
+    # The benchmark harness lives in benchmarks/, outside the package: nothing of it ships.
+    assert not any(name.startswith("mfserve/server/bench/") for name in wheel.names)
+    assert not any("benchmarks" in name.split("/") for name in wheel.names)
+
+
+def test_every_source_package_ships(wheel: Wheel) -> None:
+    """``packages`` in pyproject.toml is a list, not a search: a new subpackage (a folder with an
+    ``__init__.py`` under an installed folder) must be added to it, or the wheel lacks it."""
+    installed = {"protos/mfserve": "mfserve", "client": "mfserve/client"}
+    installed |= {"server": "mfserve/server", "training": "mfserve/training"}
+    missing = []
+    for source, target in installed.items():
+        for init in sorted((ROOT / source).rglob("__init__.py")):
+            if "__pycache__" in init.parts:
+                continue
+            relative = init.parent.relative_to(ROOT / source).as_posix()
+            shipped = f"{target}/{relative}/__init__.py".replace("/./", "/")
+            if shipped not in wheel.names:
+                missing.append(f"{init.relative_to(ROOT)} (as {shipped})")
+    assert not missing, f"add these packages to pyproject.toml's `packages`: {missing}"
 
 
 def test_base_install_is_the_thin_client(wheel: Wheel) -> None:
@@ -180,6 +200,45 @@ def test_unpacked_wheel_imports_and_finds_its_data(wheel: Wheel, tmp_path: Path)
     package, ratings = result.stdout.splitlines()
     assert Path(package).is_relative_to(site)
     assert Path(ratings).is_relative_to(site) and Path(ratings).is_file()
+
+
+@pytest.mark.parametrize("module", ["mfserve.server.bench", "benchmarks", "server", "client"])
+def test_unpacked_wheel_has_no_benchmarks_and_no_bare_packages(
+    wheel: Wheel, tmp_path: Path, module: str
+) -> None:
+    """Installed, the harness is gone (it runs from a checkout: ``python -m benchmarks.harness``),
+    and the source folders' own names are not importable, only ``mfserve.*``."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel.path) as archive:
+        archive.extractall(site)
+    code = (
+        "import importlib, sys\n"
+        "try:\n"
+        f"    importlib.import_module({module!r})\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name)\n"
+        "    sys.exit(0)\n"
+        "sys.exit('imported')\n"
+    )
+    # -I keeps the working directory (a checkout holds server/, client/, benchmarks/) off
+    # sys.path; -S leaves out site-packages, where an editable install maps mfserve.* to a checkout.
+    # Neither reads PYTHONPATH, so the wheel goes on sys.path by hand.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(site)!r})\n{code}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr or result.stdout
+    assert result.stdout.strip() == module
 
 
 def _name(requirement: str) -> str:

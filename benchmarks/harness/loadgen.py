@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from mfserve.server.bench.common import read_ids
+from benchmarks.harness.common import read_ids
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import torch
 
-from mfserve.server.bench.common import serve_until_signal, server_args
+from benchmarks.harness.common import serve_until_signal, server_args
 from mfserve.training.artifact import load_artifact, resolve_version
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc

@@ -2,15 +2,15 @@
 
 Usage (from the repository root)::
 
-    mfserve bench --markdown bench.md        # synthetic, ml-latest-small sized
-    mfserve bench --model models/movielens --servers empty,naive,mfserve
-    mfserve bench --quick --concurrency 1,2  # ~1 s a cell (smoke test)
-    mfserve bench --servers empty,mfserve --variant 'loop=--compute-threads 0'
+    python -m benchmarks.harness --markdown bench.md        # synthetic, ml-latest-small sized
+    python -m benchmarks.harness --model models/movielens --servers empty,naive,mfserve
+    python -m benchmarks.harness --quick --concurrency 1,2  # ~1 s a cell (smoke test)
+    python -m benchmarks.harness --servers empty,mfserve --variant 'loop=--compute-threads 0'
 
 Every server runs in its own subprocess on 127.0.0.1, port 0 (the port is read from its output).
-Load comes from separate client processes (``mfserve.server.bench.loadgen``), each holding its share of the
-in-flight calls on one grpc.aio channel, all starting at the same instant. A cell is one (server,
-rpc, concurrency): warmup, then a fixed window in which every call's latency is recorded.
+Load comes from separate client processes (``benchmarks.harness.loadgen``), each holding its
+share of the in-flight calls on one grpc.aio channel, all starting at the same instant. A cell is
+one (server, rpc, concurrency): warmup, then a fixed window in which every call's latency is recorded.
 
 All servers are started first and their cells interleaved: for each (rpc, concurrency), every
 server in turn, so the cells a ratio compares run minutes apart at most, not a whole server's run
@@ -48,7 +48,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mfserve.server.bench.cells import (
+from benchmarks.harness.cells import (
     RPC_LABELS,
     Cell,
     combine,
@@ -56,7 +56,7 @@ from mfserve.server.bench.cells import (
     render_markdown,
     set_ratios,
 )
-from mfserve.server.bench.processes import (
+from benchmarks.harness.processes import (
     BASE_SERVERS,
     ClientPool,
     RunningServer,
@@ -153,7 +153,7 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="mfserve bench",
+        prog="python -m benchmarks.harness",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -302,7 +302,7 @@ def sweep(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "mfserve bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.harness " + shlex.join(sys.argv[1:] if argv is None else argv)
     server_logs: list[str] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mfserve-bench-") as tmp:

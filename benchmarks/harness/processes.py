@@ -25,6 +25,16 @@ class ServerSpec:
 
 
 BASE_SERVERS = ("empty", "empty-hop", "naive", "mfserve")
+# benchmarks/ is not installed: the floors and load clients import it from the repository root,
+# whatever directory the harness was started from.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of every process the harness starts: ours, with the repository root first
+    on ``PYTHONPATH`` so ``python -m benchmarks.harness.<module>`` resolves."""
+    path = os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def server_specs(
@@ -59,15 +69,15 @@ def _specs(
     }
     return extra | {
         "empty": ServerSpec(
-            "empty", [py, "-m", "mfserve.server.bench.empty_server", "--model", str(version)], plain
+            "empty", [py, "-m", "benchmarks.harness.empty_server", "--model", str(version)], plain
         ),
         "empty-hop": ServerSpec(
             "empty-hop",
-            [py, "-m", "mfserve.server.bench.empty_server", "--model", str(version), "--hop"],
+            [py, "-m", "benchmarks.harness.empty_server", "--model", str(version), "--hop"],
             plain,
         ),
         "naive": ServerSpec(
-            "naive", [py, "-m", "mfserve.server.bench.naive_server", "--model", str(version)], plain
+            "naive", [py, "-m", "benchmarks.harness.naive_server", "--model", str(version)], plain
         ),
         "mfserve": ServerSpec("mfserve", mfserve, serving),
     }
@@ -84,7 +94,7 @@ class RunningServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=child_env(PYTHONUNBUFFERED="1"),
         )
         ports: queue.Queue[int] = queue.Queue()
         self._drains: list[threading.Thread] = []
@@ -176,7 +186,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class ClientPool:
-    """Load-generating processes (``mfserve.server.bench.loadgen``) kept connected to one server."""
+    """Load-generating processes (``benchmarks.harness.loadgen``) kept connected to one server."""
 
     def __init__(
         self, server: RunningServer, version: Path, *, procs: int, batch: int, k: int
@@ -184,7 +194,7 @@ class ClientPool:
         command = [
             sys.executable,
             "-m",
-            "mfserve.server.bench.loadgen",
+            "benchmarks.harness.loadgen",
             "--target",
             f"127.0.0.1:{server.port}",
         ]
@@ -195,6 +205,7 @@ class ClientPool:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                env=child_env(),
             )
             for p in range(max(1, procs))
         ]

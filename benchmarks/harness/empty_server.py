@@ -16,7 +16,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mfserve.server.bench.common import read_ids, serve_until_signal, server_args
+from benchmarks.harness.common import read_ids, serve_until_signal, server_args
 from mfserve.training.artifact import resolve_version
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
