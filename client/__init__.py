@@ -1,4 +1,5 @@
-"""mfserve's Python SDK: typed clients for the ``mfserve.v1.RecommenderService`` gRPC API.
+"""``mfserve.client`` (source: ``client/``): typed clients for the ``mfserve.v1.RecommenderService``
+gRPC API, and the ``mfserve`` console script (``_cli.py``).
 
 ::
 
@@ -10,6 +11,10 @@
 
 This is the base install: it needs only grpcio and protobuf, and importing it loads neither numpy,
 pandas nor torch. Everything public is importable from here; the ``_``-prefixed modules are private.
+
+May import: ``mfserve.v1`` and the root ``mfserve`` (for ``__version__``), never ``mfserve.server``
+or ``mfserve.training``. The one exception is dynamic: the ``mfserve`` dispatcher registers the
+other areas' subcommands by module name at run time (``_cli._AREA_MODULES``).
 """
 
 from ._async_client import AsyncRecommenderClient

@@ -1,4 +1,7 @@
-"""``mfserve.server``: the gRPC server over a loaded artifact (the ``[server]`` extra).
+"""``mfserve.server`` (source: ``server/``): the gRPC server over a loaded artifact (``[server]``).
+
+It owns transport, batching and processes; the model and its scoring are ``mfserve.training``'s.
+May import: ``mfserve.training``, ``mfserve.v1`` and the root ``mfserve``, never ``mfserve.client``.
 
 Public API: ``create_server``, ``ServerConfig``, ``RecommenderServer``, ``serve``, ``ModelHolder``.
 They are imported lazily so that ``mfserve.server.cli`` (argparse only) stays importable, and

@@ -1,7 +1,13 @@
-"""mfserve: a matrix-factorisation recommender, trained with PyTorch and served over gRPC.
+"""``mfserve``, the root package (source: ``protos/mfserve/``): ``__version__``, ``-m mfserve``.
 
-Sub-packages: ``mfserve.client`` (thin SDK, the base install), ``mfserve.training`` (``[train]`` extra),
-``mfserve.server`` (``[server]`` extra) and ``mfserve.v1`` (code generated from ``recommender.proto``).
+It lives beside the contract because the generated code's import path comes from the proto's
+path: ``protos/mfserve/v1/recommender.proto`` makes ``mfserve.v1.recommender_pb2``, so the folder
+above ``v1/`` is the package ``mfserve``. Its subpackages come from the other source folders
+(docs/architecture.md has the map): ``mfserve.v1`` (``protos/mfserve/v1/``), ``mfserve.client``
+(``client/``, the base install), ``mfserve.training`` (``training/``, ``[train]``) and
+``mfserve.server`` (``server/``, ``[server]``).
+
+May import: nothing of mfserve here; ``__main__`` runs the console script, ``mfserve.client._cli``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
