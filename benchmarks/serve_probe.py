@@ -34,12 +34,10 @@ from typing import Any
 READY = re.compile(r"mfserve: (?:serving .+|\d+ workers ready) on (\S+):(\d+)|^PORT (\d+)")
 CONFIGS = {
     "empty": ["<empty>"],  # benchmarks.harness.empty_server: the gRPC floor, no model work
-    "delay0": ["--max-queue-delay-us", "0"],
-    "delay200": ["--max-queue-delay-us", "200"],
+    "defaults": [],
     "nobatch": ["--max-batch-size", "1"],
     "inline": ["--compute-threads", "0"],
     "workers2": ["--workers", "2"],
-    "workers2-delay200": ["--workers", "2", "--max-queue-delay-us", "200"],
 }
 
 

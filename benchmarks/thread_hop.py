@@ -14,8 +14,8 @@ the binding, so they inherit it).
 
 Reports the median over ``--rounds`` of the wall time and the process CPU time (both threads,
 user + system) per trip. On a small VM most of it is the kernel's thread wake-ups across CPUs,
-which is why ``--predict-on-loop-pairs`` exists for calls cheaper than the trip, and why
-``--pin-cpus`` lowers latency.
+which is why a lone cheap call is computed on the loop instead, and why ``--pin-cpus`` lowers
+latency.
 
     python -m benchmarks.thread_hop [--trips 20000] [--rounds 5]
 """

@@ -41,7 +41,6 @@ _EXTRA_BY_COMMAND = {
     "recommend": "train",
     "synth": "train",
     "serve": "server",
-    "bench": "server",
 }
 _EXTRA_MODULES = {
     "torch": "train",

@@ -10,10 +10,9 @@ Policy ("opportunistic", like Triton's dynamic batcher but without making a lone
 * At most one batch per kind computes at a time. While it computes, new calls queue; when it
   finishes, everything queued (up to ``max_batch_size``) is dispatched at once as the next batch.
 * When nothing is computing, a new call is dispatched on the next event-loop turn, so calls that
-  arrived in the same turn share its batch but a lone call never waits for company.
-* ``max_queue_delay_us`` (default 0) additionally holds an idle dispatch for up to that long, but
-  only while other calls are inside the server and may still join (``in_flight`` says how many);
-  a full batch is dispatched at once.
+  arrived in the same turn share its batch but a lone call never waits for company. (A queue
+  delay, Triton's ``max_queue_delay_microseconds``, was measured here and gained nothing:
+  docs/benchmarks.md.)
 
 Everything here runs on the event-loop thread except the compute function, which runs on the
 executor (torch releases the GIL inside matmul and top-k). Results come back with one
@@ -48,6 +47,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from mfserve.server.config import DEFAULT_MAX_BATCH_SIZE
+
 log = logging.getLogger("mfserve.server")
 
 P = TypeVar("P")  # what one call contributes to a batch
@@ -62,8 +63,6 @@ Outcome = tuple[list[Any], dict[int, BaseException], bool]
 # With the executor: (outcome, (start wait s, compute wall s, compute CPU s, finished at))
 TimedOutcome = tuple[Outcome, tuple[float, float, float, float]]
 
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_QUEUE_DELAY_US = 0
 # A lone call is computed on the event loop instead of the executor (see the module doc) when it
 # costs at most this: item scores for top-k and similar items (a TopK on a 10,000-item catalogue
 # is ~10,000: ~0.15 ms), pairs for predict (1,000 pairs: ~0.05 ms). Anything bigger, e.g. one exact
@@ -83,7 +82,6 @@ class BatchStats:
     batches: int = 0  # batches computed
     computed: int = 0  # calls computed (the sum of batch sizes)
     dropped: int = 0  # calls cancelled before their batch started (never computed)
-    delayed: int = 0  # dispatches that waited up to max_queue_delay_us for more calls
     fallbacks: int = 0  # batches that raised and were recomputed call by call
     errors: int = 0  # calls answered with a compute error
     max_batch: int = 0  # largest batch so far
@@ -116,22 +114,19 @@ class Batcher(Generic[P, R]):
         *,
         executor: Executor | None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
         max_batch_rows: int | None = None,
         rows: Callable[[P], int] | None = None,
         in_flight: Callable[[], int] | None = None,
         cost: Callable[[Model, P], int] | None = None,
         inline_limit: int | None = None,
-        inline_under_load: Callable[[Model, P], bool] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_delay_us < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_queue_delay_us >= 0")
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
         self.name = name
         self.compute = compute  # an attribute, so tests can wrap it
         self.stats = BatchStats()
         self._executor = executor  # None: compute inline on the loop thread
         self._max_batch = max_batch_size
-        self._delay = max_queue_delay_us / 1e6
         # A row budget (BatchPredict): calls join a batch while it stays under max_batch_rows.
         self._max_rows = max_batch_rows
         self._rows = rows
@@ -139,14 +134,10 @@ class Batcher(Generic[P, R]):
         # A lone call costing at most inline_limit (None: never) is computed on the loop (module doc).
         self._cost = cost
         self.inline_limit = inline_limit  # an attribute, so tests can force the executor
-        # Opt-in (predict with the compiled kernel): a call it accepts is computed on the loop
-        # even while others are in flight, as long as it is cheap and nothing is computing.
-        self._inline_under_load = inline_under_load
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[Entry] = []
         self._running = False  # a batch is computing
-        self._scheduled = False  # a dispatch is scheduled (next loop turn or delay timer)
-        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False  # a dispatch is scheduled for the next loop turn
 
     @property
     def queued(self) -> int:
@@ -173,7 +164,7 @@ class Batcher(Generic[P, R]):
         pending = self._pending
         self.stats.calls += 1
         if not self._running and not pending and self._inline(loop, model, payload):
-            # A cheap call nobody could join (or one the opt-in accepts): answered right here.
+            # A cheap call nobody could join: answered right here.
             batch = [(model, payload, future)]
             self._count(batch, inline=True)
             self._complete(batch, self._run(model, [payload]))
@@ -183,26 +174,14 @@ class Batcher(Generic[P, R]):
             if len(pending) >= self._max_batch:
                 self._dispatch()
             elif not self._scheduled:
-                self._schedule(loop)
+                # Next loop turn: calls that arrived in this turn join; a lone call does not wait.
+                self._scheduled = True
+                loop.call_soon(self._dispatch)
         return future
 
     # ----------------------------------------------------------------- loop side
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduled = True
-        in_flight = self._in_flight
-        if self._delay and in_flight is not None and in_flight() > len(self._pending):
-            # Other calls are being parsed or validated right now and may join this batch.
-            self.stats.delayed += 1
-            self._timer = loop.call_later(self._delay, self._dispatch)
-        else:
-            # Next loop turn: calls that arrived in this turn join; a lone call does not wait.
-            loop.call_soon(self._dispatch)
-
     def _dispatch(self) -> None:
         self._scheduled = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._running or not self._pending:
             return
         batch, rest = self._take(self._pending)
@@ -237,12 +216,8 @@ class Batcher(Generic[P, R]):
         return ready is not None and not ready
 
     def _inline(self, loop: asyncio.AbstractEventLoop, model: Model, payload: P) -> bool:
-        """Whether to compute this call on the loop now (the batcher is idle): it is cheap, and
-        either alone or accepted by the ``inline_under_load`` opt-in."""
-        if not self._cheap(model, payload):
-            return False
-        under_load = self._inline_under_load
-        return self._alone(loop) or (under_load is not None and under_load(model, payload))
+        """Whether to compute this call on the loop now (the batcher is idle): cheap and alone."""
+        return self._cheap(model, payload) and self._alone(loop)
 
     def _cheap(self, model: Model, payload: P) -> bool:
         """Whether a call is cheap enough to compute on the loop rather than hop to the executor."""

@@ -42,13 +42,8 @@ from mfserve.server.batch_compute import (
     top_k_batch,
     top_k_cost,
 )
-from mfserve.server.batching import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_QUEUE_DELAY_US,
-    INLINE_PREDICT_PAIRS,
-    INLINE_RANK_SCORES,
-    Batcher,
-)
+from mfserve.server.batching import INLINE_PREDICT_PAIRS, INLINE_RANK_SCORES, Batcher
+from mfserve.server.config import DEFAULT_MAX_BATCH_SIZE
 from mfserve.server.errors import (
     ServiceError,
     abort,
@@ -133,8 +128,6 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         max_k: int = 1_000,
         executor: Executor | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
-        predict_on_loop_pairs: int = 0,
     ) -> None:
         self.holder = holder
         self.max_batch_pairs = max_batch_pairs
@@ -144,7 +137,6 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         options: dict[str, Any] = {
             "executor": executor,
             "max_batch_size": max_batch_size,
-            "max_queue_delay_us": max_queue_delay_us,
             "in_flight": self._in_flight,
         }
         self.predict_batcher: Batcher[PredictPayload, np.ndarray] = Batcher(
@@ -154,11 +146,6 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             rows=predict_rows,
             cost=predict_cost,
             inline_limit=INLINE_PREDICT_PAIRS,
-            inline_under_load=(
-                functools.partial(_predict_on_loop, predict_on_loop_pairs)
-                if predict_on_loop_pairs
-                else None
-            ),
             **options,
         )
         rank_options = {**options, "inline_limit": INLINE_RANK_SCORES}
@@ -379,13 +366,6 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     @_rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.GetModelInfoResponse:  # noqa: N802 (gRPC name)
         return model_info(self._model())
-
-
-def _predict_on_loop(limit: int, model: ServingModel, payload: PredictPayload) -> bool:
-    """``ServerConfig.predict_on_loop_pairs``: compute this predict call on the event loop even
-    under load. Only through the compiled kernel: one GIL-free pass at ~25 ns a pair, where the
-    hop to the compute thread and back costs ~0.2-0.3 ms of waiting for the GIL."""
-    return model.pair_kernel is not None and len(payload[0]) <= limit
 
 
 def malformed(request_class: Any, error: DecodeError) -> ServiceError:

@@ -13,7 +13,6 @@ until the test has queued the others, which then form one batch. No test asserts
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,18 +275,6 @@ def test_compute_error_is_isolated(server: ServerThread, stub: Any) -> None:
     assert batcher.stats.errors == 1
 
 
-def test_lone_call_does_not_wait_for_the_delay(model_dir: Path) -> None:
-    # A delay far beyond the test's timeouts: a lone call that waited it would time out.
-    with running_server_handle(model_dir, max_queue_delay_us=1_000_000) as handle:
-        with grpc.insecure_channel(handle.address) as channel:
-            stub = pb_grpc.RecommenderServiceStub(channel)
-            for n in range(5):
-                assert len(stub.TopK(pb.TopKRequest(user_id=f"u{n}"), timeout=0.9).items) == 10
-        stats = handle.server.service.top_k_batcher.stats
-        assert stats.delayed == 0
-        assert stats.sizes == {1: 5}
-
-
 def test_batches_form_under_concurrency(server: ServerThread, stub: Any) -> None:
     futures = [
         stub.TopK.future(pb.TopKRequest(user_id=f"u{n % 60}"), timeout=60) for n in range(200)
@@ -435,35 +422,14 @@ def test_lone_top_k_lists_match_the_batched_path(synthetic_model: Any) -> None:
 
 
 # ------------------------------------------------------------------ torch threads per thread
-def test_lone_torch_threads_are_capped_by_the_process_share(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from mfserve.server.app import ServerConfig, lone_torch_threads
-
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
-    assert lone_torch_threads(ServerConfig()) == 1  # off by default: see ServerConfig
-    assert lone_torch_threads(ServerConfig(lone_torch_threads=2)) == 2
-    assert lone_torch_threads(ServerConfig(lone_torch_threads=8)) == 4
-    assert lone_torch_threads(ServerConfig(lone_torch_threads=8, workers=2)) == 2
-    assert lone_torch_threads(ServerConfig(lone_torch_threads=2, workers=4)) == 1
-    # Off, or every batch on the loop (under load too): the loop keeps torch_threads.
-    assert lone_torch_threads(ServerConfig(lone_torch_threads=0)) == 0
-    assert lone_torch_threads(ServerConfig(compute_threads=0)) == 0
-
-
-def test_loop_and_compute_threads_get_their_own_torch_threads(model_dir: Path) -> None:
-    # OpenMP keeps the count per thread: the loop's lone calls may use two, batches keep one.
+def test_the_compute_thread_keeps_the_process_torch_threads(model_dir: Path) -> None:
+    # OpenMP keeps the count per thread: without its initializer the compute thread would start
+    # at one per core and spin up a team for every batch.
     torch.set_num_threads(1)
-    with running_server_handle(model_dir, lone_torch_threads=2, torch_threads=1) as handle:
-
-        async def loop_threads() -> int:
-            return torch.get_num_threads()
-
+    with running_server_handle(model_dir, torch_threads=1) as handle:
         executor = handle.server._executor
         assert executor is not None
-        compute = executor.submit(torch.get_num_threads).result(30)
-        assert compute == 1
-        assert handle.call(loop_threads()) == min(2, os.cpu_count() or 1)
+        assert executor.submit(torch.get_num_threads).result(30) == 1
 
 
 def test_known_users_batch_path_matches_the_general_path(synthetic_model: Any) -> None:

@@ -225,7 +225,7 @@ def fake_area(
         ("evaluate", "pandas", "train"),
         ("serve", "torch", "server"),
         ("serve", "grpc_health.v1", "server"),
-        ("bench", "numpy", "server"),
+        ("index", "faiss", "ann"),
     ],
 )
 def test_a_missing_extra_names_the_extra_to_install(

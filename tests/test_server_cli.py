@@ -1,10 +1,12 @@
-"""``mfserve serve``: light registration, help, defaults matching ``ServerConfig``, exit codes."""
+"""``mfserve serve``: flags generated from ``ServerConfig`` and grouped in ``--help``, light
+registration, clear argparse errors, exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,26 +15,40 @@ import pytest
 from server_harness import serve_command, serve_subprocess
 
 from mfserve.server import cli
-from mfserve.server.app import MiB, ServerConfig
+from mfserve.server.config import (
+    ANN_MODES,
+    GROUPS,
+    MiB,
+    ServerConfig,
+    config_from_args,
+    flag_fields,
+)
 
-FLAGS = [
-    "--model",
-    "--host",
-    "--port",
-    "--max-batch-pairs",
-    "--max-k",
-    "--max-concurrent-rpcs",
-    "--max-message-mb",
-    "--grace",
-    "--compute-threads",
-    "--max-batch-size",
-    "--max-queue-delay-us",
-    "--workers",
-    "--torch-threads",
-    "--pin-cpus",
-    "--access-log",
-    "--log-level",
-]
+# A value for each generated flag, and what the fields it sets become.
+SAMPLES: dict[str, tuple[list[str], dict[str, object]]] = {
+    "--ann": (["hnsw"], {"ann": "hnsw"}),
+    "--ann-ef-search": (["128"], {"ann_ef_search": 128}),
+    "--ann-nprobe": (["8"], {"ann_nprobe": 8}),
+    "--host": (["::1"], {"host": "::1"}),
+    "--port": (["0"], {"port": 0}),
+    "--grace": (["0.5"], {"grace_seconds": 0.5}),
+    "--max-batch-pairs": (["10"], {"max_batch_pairs": 10}),
+    "--max-k": (["7"], {"max_k": 7}),
+    "--max-concurrent-rpcs": (["0"], {"max_concurrent_rpcs": None}),
+    "--max-message-mb": (
+        ["2"],
+        {"max_receive_message_bytes": 2 * MiB, "max_send_message_bytes": 2 * MiB},
+    ),
+    "--workers": (["0"], {"workers": 0}),
+    "--pin-cpus": (["0"], {"pin_cpus": (0,)}),
+    "--idle-poll": ([], {"idle_poll": True}),
+    "--max-batch-size": (["1"], {"max_batch_size": 1}),
+    "--compute-threads": (["0"], {"compute_threads": 0}),
+    "--torch-threads": (["2"], {"torch_threads": 2}),
+    "--access-log": ([], {"access_log": True}),
+}
+# Benchmark-only knobs taken out (docs/serving.md says why), and the subcommand that went with them.
+REMOVED = ["--lone-torch-threads", "--predict-on-loop-pairs", "--max-queue-delay-us"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,11 +57,22 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    serve: argparse.ArgumentParser = parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    return serve
+
+
+def config_of(*argv: str) -> ServerConfig:
+    return config_from_args(parser().parse_args(["serve", "--model", "m", *argv]))
+
+
 def test_register_imports_no_heavy_modules() -> None:
     code = (
         "import argparse, sys\n"
         "from mfserve.server.cli import register\n"
+        "from mfserve.server.config import ServerConfig\n"
         "register(argparse.ArgumentParser().add_subparsers())\n"
+        "ServerConfig(port=0)\n"
         "heavy = ('torch', 'grpc', 'numpy', 'google.protobuf')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
@@ -53,105 +80,94 @@ def test_register_imports_no_heavy_modules() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_help_explains_every_flag_with_its_default() -> None:
-    serve = parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+def test_every_field_has_a_flag_but_the_one_workers_set() -> None:
+    flagged = {spec.name for specs in flag_fields().values() for spec in specs}
+    assert {spec.name for spec in dataclasses.fields(ServerConfig)} - flagged == {"so_reuseport"}
+    assert set(flag_fields()) == set(SAMPLES)
+
+
+def test_no_flags_give_the_default_config() -> None:
+    assert config_of() == ServerConfig()
+    assert config_of().max_concurrent_rpcs == 256
+
+
+@pytest.mark.parametrize("flag", sorted(SAMPLES))
+def test_each_flag_sets_its_fields(flag: str) -> None:
+    argv, fields = SAMPLES[flag]
+    if flag == "--pin-cpus" and 0 not in os.sched_getaffinity(0):
+        pytest.skip("CPU 0 is not this process's")
+    assert config_of(flag, *argv) == dataclasses.replace(ServerConfig(), **fields)
+
+
+def test_pin_cpus_alone_means_every_allowed_cpu() -> None:
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    assert config_of("--pin-cpus").pin_cpus == allowed
+    assert config_of("--pin-cpus", "auto").pin_cpus == allowed
+
+
+def test_help_is_grouped_and_shows_each_default_once() -> None:
+    serve = serve_parser()
     text = serve.format_help()
-    for flag in FLAGS:
-        assert flag in text
-    for action in serve._actions:
-        if action.option_strings and action.dest not in ("help", "model"):
-            assert "default" in (action.help or ""), action.dest
-
-
-def test_defaults_match_server_config() -> None:
-    args = parser().parse_args(["serve", "--model", "m"])
-    defaults = ServerConfig()
-    assert args.host == defaults.host
-    assert args.port == defaults.port
-    assert args.max_batch_pairs == defaults.max_batch_pairs
-    assert args.max_k == defaults.max_k
-    assert args.max_concurrent_rpcs == defaults.max_concurrent_rpcs
-    assert (
-        args.max_message_mb * MiB
-        == defaults.max_receive_message_bytes
-        == defaults.max_send_message_bytes
-    )
-    assert args.grace == defaults.grace_seconds
-    assert args.compute_threads == defaults.compute_threads
-    assert args.max_batch_size == defaults.max_batch_size
-    assert args.max_queue_delay_us == defaults.max_queue_delay_us
-    assert args.workers == defaults.workers
-    assert args.torch_threads == defaults.torch_threads
-    assert args.lone_torch_threads == defaults.lone_torch_threads
-    assert args.predict_on_loop_pairs == defaults.predict_on_loop_pairs == 0
-    assert args.ann == defaults.ann
-    assert args.ann_ef_search == defaults.ann_ef_search
-    assert args.ann_nprobe == defaults.ann_nprobe
-    assert args.access_log is defaults.access_log is False
-    assert args.pin_cpus == "" and defaults.pin_cpus == ()
-    assert args.handler is cli.run_serve
-    # Every ServerConfig field is reachable from the command line or fixed on purpose.
-    fixed = {"so_reuseport"}  # turned on by --workers in its worker processes, never by hand
-    assert {f.name for f in dataclasses.fields(ServerConfig)} - fixed <= {
-        "host",
-        "port",
-        "max_batch_pairs",
-        "max_k",
-        "max_concurrent_rpcs",
-        "max_receive_message_bytes",
-        "max_send_message_bytes",
-        "grace_seconds",
-        "access_log",
-        "compute_threads",
-        "max_batch_size",
-        "max_queue_delay_us",
-        "workers",
-        "torch_threads",
-        "lone_torch_threads",
-        "predict_on_loop_pairs",
-        "ann",
-        "ann_ef_search",
-        "ann_nprobe",
-        "pin_cpus",
+    assert len(text.splitlines()) < 80  # one screen, not a list of benchmark knobs
+    titles = [group.title for group in serve._action_groups]
+    for title in GROUPS.values():
+        assert title in titles and f"\n{title}:\n" in text
+    assert "(default: None)" not in text and "(default: ())" not in text
+    where = {
+        action.option_strings[0]: group.title
+        for group in serve._action_groups
+        for action in group._group_actions
+        if action.option_strings
     }
+    assert where["--model"] == where["--ann"] == GROUPS["model"]
+    assert where["--port"] == GROUPS["network"]
+    assert where["--max-k"] == GROUPS["limits"]
+    assert where["--workers"] == where["--pin-cpus"] == GROUPS["performance"]
+    assert where["--log-level"] == where["--access-log"] == GROUPS["logging"]
+    for action in serve._actions:
+        if action.option_strings and action.nargs != 0 and action.dest not in ("help", "model"):
+            assert (action.help or "").count("(default: ") == 1, action.dest
+    assert "(default: 64)" in where_help(serve, "--max-message-mb")  # MiB, as the flag takes
+    for flag in REMOVED:
+        assert flag not in text
+
+
+def where_help(serve: argparse.ArgumentParser, flag: str) -> str:
+    [action] = [a for a in serve._actions if flag in a.option_strings]
+    return action.help or ""
 
 
 def test_ann_modes_match_the_server() -> None:
-    from mfserve.server.model_holder import ANN_MODES
+    from mfserve.server.model_holder import ANN_MODES as SERVER_ANN_MODES
 
-    assert cli.ANN_MODES == ANN_MODES
-    args = parser().parse_args(
-        ["serve", "--model", "m", "--ann", "hnsw", "--ann-ef-search", "128", "--ann-nprobe", "8"]
-    )
-    assert (args.ann, args.ann_ef_search, args.ann_nprobe) == ("hnsw", 128, 8)
+    assert ANN_MODES == SERVER_ANN_MODES
 
 
-def test_flags_parse() -> None:
-    args = parser().parse_args(
-        [
-            "serve",
-            "--model",
-            "m",
-            "--port",
-            "0",
-            "--max-concurrent-rpcs",
-            "0",
-            "--log-level",
-            "debug",
-            "--access-log",
-        ]
-    )
-    assert (args.port, args.max_concurrent_rpcs, args.log_level, args.access_log) == (
-        0,
-        0,
-        "DEBUG",
-        True,
-    )
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "argument --port: '70000' is out of range (0 to 65535)"),
+        (["--max-k", "0"], "argument --max-k: '0' is out of range (at least 1)"),
+        (["--workers", "two"], "argument --workers: 'two' is not a number"),
+        (["--max-message-mb", "0"], "argument --max-message-mb: '0' is out of range"),
+        (["--ann", "exact"], "argument --ann: invalid choice: 'exact'"),
+        (["--pin-cpus", "0-x"], "argument --pin-cpus: --pin-cpus '0-x'"),
+        (["--max-queue-delay-us", "0"], "unrecognized arguments: --max-queue-delay-us"),
+    ],
+)
+def test_a_bad_value_is_an_argparse_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args(["serve", "--model", "m", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mfserve") and message in err, err
 
 
-def test_pin_cpus_alone_means_auto() -> None:
-    assert parser().parse_args(["serve", "--pin-cpus", "--model", "m"]).pin_cpus == "auto"
-    assert parser().parse_args(["serve", "--model", "m", "--pin-cpus", "0,2-3"]).pin_cpus == "0,2-3"
+def test_the_python_api_names_the_field_and_its_range() -> None:
+    with pytest.raises(ValueError, match=r"ServerConfig.max_k=0 is out of range \(at least 1\)"):
+        ServerConfig(max_k=0)
 
 
 def test_missing_model_exits_1_with_a_message(tmp_path: Path) -> None:
@@ -166,7 +182,7 @@ def test_missing_model_exits_1_with_a_message(tmp_path: Path) -> None:
     assert "cannot load the model" in result.stderr and "no-such-model" in result.stderr
 
 
-def test_bad_config_exits_2(model_dir: Path) -> None:
+def test_bad_config_exits_2_before_loading_anything(model_dir: Path) -> None:
     result = subprocess.run(
         serve_command(model_dir, "--max-k", "0"),
         check=False,
@@ -175,7 +191,8 @@ def test_bad_config_exits_2(model_dir: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2
-    assert "max_k" in result.stderr
+    assert "argument --max-k: '0' is out of range (at least 1)" in result.stderr
+    assert "serving" not in result.stderr
 
 
 def test_port_in_use_exits_1(model_dir: Path) -> None:
@@ -201,6 +218,15 @@ def test_mfserve_serve_through_the_dispatcher(model_dir: Path) -> None:
     )
     assert help_text.returncode == 0, help_text.stderr
     assert "--max-batch-pairs" in help_text.stdout
+    # The benchmark harness is not a command of the installed package (python -m benchmarks...).
+    bench = subprocess.run(
+        [sys.executable, "-m", "mfserve", "bench", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bench.returncode == 2 and "invalid choice: 'bench'" in bench.stderr
     with serve_subprocess(model_dir, entry="mfserve") as server:
         assert server.model == "synthetic v1"
         assert server.terminate() == 0

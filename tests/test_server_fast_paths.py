@@ -1,6 +1,5 @@
 """BatchPredict's compiled path through a real server: the same answers as the protobuf path,
-a clear error for bytes that are not a request, and the opt-in that computes predict calls on
-the event loop under load."""
+a clear error for bytes that are not a request; and cheap calls under load wait for their batch."""
 
 from __future__ import annotations
 
@@ -13,9 +12,7 @@ import grpc
 import pytest
 from server_harness import make_model_dir, running_server_handle
 
-from mfserve.server.app import ServerConfig
-from mfserve.server.batching import INLINE_PREDICT_PAIRS, Batcher
-from mfserve.server.cli import MAX_PREDICT_ON_LOOP_PAIRS
+from mfserve.server.batching import Batcher
 from mfserve.server.jit import HAVE_NUMBA
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -64,44 +61,13 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(
     assert f"not a valid mfserve.v1.{rpc}Request" in (error.details() or "")
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="the opt-in needs the compiled kernel")
-def test_predict_on_loop_computes_concurrent_calls_on_the_loop(model_dir: Path) -> None:
-    requests = [
-        pb.BatchPredictRequest(user_ids=USERS[n:], item_ids=ITEMS[n:]) for n in range(0, 160, 10)
-    ]
-
-    def answers(**config: Any) -> tuple[list[list[float]], Any]:
-        with (
-            running_server_handle(model_dir, **config) as handle,
-            grpc.insecure_channel(handle.address) as channel,
-            ThreadPoolExecutor(8) as pool,
-        ):
-            stub = pb_grpc.RecommenderServiceStub(channel)
-            got = list(pool.map(lambda r: list(stub.BatchPredict(r, timeout=30).ratings), requests))
-            return got, handle.server.service.predict_batcher.stats
-
-    batched, _ = answers()
-    on_loop, stats = answers(predict_on_loop_pairs=1_000)
-    assert on_loop == batched
-    # Every call computed on the loop (inline), none handed to the compute thread.
-    assert stats.inline == stats.batches == stats.calls == len(requests)
-
-
-def test_predict_on_loop_is_bounded_by_the_inline_limit() -> None:
-    assert MAX_PREDICT_ON_LOOP_PAIRS == INLINE_PREDICT_PAIRS
-    assert ServerConfig(predict_on_loop_pairs=INLINE_PREDICT_PAIRS).predict_on_loop_pairs
-    for bad in (-1, INLINE_PREDICT_PAIRS + 1):
-        with pytest.raises(ValueError, match="predict_on_loop_pairs"):
-            ServerConfig(predict_on_loop_pairs=bad)
-
-
-def test_the_opt_in_is_what_lets_a_call_skip_the_queue_under_load() -> None:
-    # Deterministic: five calls "in flight", so no call is ever alone; only the opt-in may
-    # compute one on the loop, and only when its predicate accepts it.
+def test_a_cheap_call_under_load_waits_for_its_batch() -> None:
+    # Deterministic: five calls "in flight", so no call is ever alone, and even a cheap one goes
+    # to the executor, where the others may join its batch.
     def compute(model: Any, payloads: list[int]) -> list[int]:
         return [p * 2 for p in payloads]
 
-    async def first_call_done(**options: Any) -> bool:
+    async def first_call_done() -> bool:
         with ThreadPoolExecutor(1) as executor:
             batcher: Batcher[int, int] = Batcher(
                 "predict",
@@ -110,7 +76,6 @@ def test_the_opt_in_is_what_lets_a_call_skip_the_queue_under_load() -> None:
                 in_flight=lambda: 5,
                 cost=lambda model, payload: payload,
                 inline_limit=100,
-                **options,
             )
             future = batcher.submit(object(), 21)
             done = future.done()
@@ -118,8 +83,6 @@ def test_the_opt_in_is_what_lets_a_call_skip_the_queue_under_load() -> None:
             return done
 
     assert not asyncio.run(first_call_done())
-    assert asyncio.run(first_call_done(inline_under_load=lambda model, payload: True))
-    assert not asyncio.run(first_call_done(inline_under_load=lambda model, payload: False))
 
 
 def test_a_reload_swaps_the_decoder_with_the_model(tmp_path: Path) -> None:
