@@ -138,6 +138,62 @@ def test_train_help_lists_every_hyperparameter(capsys: pytest.CaptureFixture[str
         assert flag in text
 
 
+def _flag_entries(text: str) -> dict[str, str]:
+    """Each flag's ``--help`` entry, folded onto one line, by the flag."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  --"):
+            flag = stripped.split()[0]
+            entries[flag] = stripped
+        elif flag is not None and line.startswith(" " * 10) and stripped:
+            entries[flag] += " " + stripped
+        else:
+            flag = None
+    return entries
+
+
+@pytest.mark.parametrize("command", ["train", "synth", "index"])
+def test_help_shows_each_default_once_and_never_none(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "%%" not in text  # argparse does not %-format descriptions
+    entries = _flag_entries(text)
+    assert entries
+    for entry in entries.values():
+        assert entry.count("(default") <= 1, entry
+    if command == "train":
+        # The recipe's value, not the None that lets --reference tell "not given".
+        assert entries["--factors"].endswith(f"(default: {TrainConfig().factors})")
+        assert entries["--holdout"].endswith("(default: 0.2)")
+        assert "(default" not in entries["--json"]  # an off switch says nothing
+
+
+def test_each_command_is_registered_by_its_area() -> None:
+    # `index` is a training command beside `synth`, each in the module its name says.
+    code = (
+        "import argparse, sys\n"
+        "from mfserve.training import cli, index_cli, synth\n"
+        "sub = argparse.ArgumentParser().add_subparsers()\n"
+        "cli.register(sub)\n"
+        "print(sorted(sub.choices), sub.choices['index'].get_default('handler').__module__,"
+        " sub.choices['synth'].get_default('handler').__module__)\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'faiss', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert out[0] == (
+        "['evaluate', 'index', 'recommend', 'synth', 'train'] "
+        "mfserve.training.index_cli mfserve.training.synth"
+    )
+    assert out[1] == "[]"
+
+
 def _rows(*lines: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 

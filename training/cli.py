@@ -1,4 +1,5 @@
-"""``mfserve train``, ``mfserve evaluate`` and ``mfserve recommend``.
+"""The training commands: ``mfserve train``, ``evaluate`` and ``recommend`` here, ``synth`` and
+``index`` in ``mfserve.training.synth`` and ``mfserve.training.index_cli``.
 
 ``register`` only builds argparse parsers: torch and pandas are imported inside the handlers, so
 ``mfserve --help`` works on the thin client install.
@@ -10,6 +11,8 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from mfserve.training.config import DefaultsOnceFormatter
 
 DEFAULT_MODEL_DIR = "models/movielens"
 EXIT_BAD_INPUT = 2
@@ -23,12 +26,13 @@ _DATA_HELP = (
 
 def register(subparsers: Any) -> None:
     """Add the training subcommands to the ``mfserve`` parser."""
-    from mfserve.training import synth
+    from mfserve.training import index_cli, synth
 
     _register_train(subparsers)
     _register_evaluate(subparsers)
     _register_recommend(subparsers)
     synth.register(subparsers)
+    index_cli.register(subparsers)
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -73,10 +77,10 @@ def _register_train(subparsers: Any) -> None:
         help="train a model and save it as the next numbered version",
         description=(
             "Train a factor model (rating head and ranking head) and write it as models/NAME/<N+1>/. "
-            "By default 20%% of the ratings are held out by the evaluation protocol and the test "
+            "By default 20% of the ratings are held out by the evaluation protocol and the test "
             "metrics are stored in the manifest; --holdout 0 trains on everything."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     parser.add_argument("--data", default=None, help=_DATA_HELP)
     parser.add_argument(

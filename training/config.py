@@ -82,6 +82,26 @@ class TrainConfig:
         )
 
 
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """``--help`` that appends a flag's default once: not where its help already states it, and
+    never a default that says nothing (None for "not given", False for an off switch, [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        says_nothing = default is None or default is False or default in ([], ())
+        if (
+            "(default" in text
+            or "%(default)" in text
+            or says_nothing
+            or default == argparse.SUPPRESS
+            or action.required
+            or not action.option_strings
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -96,7 +116,9 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field; unset flags keep the recipe's value."""
+    """One flag per ``TrainConfig`` field; unset flags keep the recipe's value (or, with
+    ``--reference``, the reference recipe's: hence the default None, and the recipe's value in
+    the help text)."""
     group = parser.add_argument_group("hyper-parameters (defaults: the tuned recipe)")
     defaults = TrainConfig()
     for spec in dataclasses.fields(TrainConfig):
@@ -109,7 +131,7 @@ def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
             type=converter,
             default=None,
             choices=spec.metadata.get("choices"),
-            metavar="BOOL" if kind is bool else None,
+            metavar="BOOL" if kind is bool else spec.name.upper(),
             help=f"{spec.metadata['help']} (default: {default})",
         )
 

@@ -3,7 +3,7 @@
 User ``u`` prefers cluster ``u % C`` and item ``i`` belongs to cluster ``i % C``, so any answer
 can be checked without a trained model; benchmarks use it for catalogues of any size (1M x 64
 takes about 15 s and 1.5 GB peak). ``--ann`` also builds an approximate index beside the new
-version.
+version (``mfserve index``, in ``mfserve.training.index_cli``, builds one for an existing version).
 
 ``register`` only builds the parser: torch and faiss are imported inside the handler.
 """
@@ -14,6 +14,10 @@ import argparse
 import sys
 import time
 from typing import Any
+
+from mfserve.training.config import DefaultsOnceFormatter
+from mfserve.training.index_cli import add_ann_param, build_and_save, parse_params
+from mfserve.training.index_cli import register as register_index
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -26,10 +30,10 @@ def register(subparsers: Any) -> None:
         help="write a synthetic model with planted clusters (for tests and benchmarks)",
         description=(
             "Write a synthetic factor model as the next numbered version under --out. Item i "
-            "belongs to cluster i %% C and user u prefers cluster u %% C, so user u's top items "
+            "belongs to cluster i % C and user u prefers cluster u % C, so user u's top items "
             "come from that cluster. Ids are u<row> and i<row>."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     parser.add_argument("--out", required=True, help="model folder; the version goes in OUT/<N>/")
     parser.add_argument("--users", type=int, required=True, help="number of users")
@@ -49,48 +53,8 @@ def register(subparsers: Any) -> None:
         default="none",
         help="also build an approximate top-k index beside the version (needs the [ann] extra)",
     )
-    _add_ann_param(parser)
+    add_ann_param(parser)
     parser.set_defaults(handler=run_synth)
-
-    index = subparsers.add_parser(
-        "index",
-        help="build an approximate top-k index beside a model version (for big catalogues)",
-        description=(
-            "Build a faiss index (inner product over the ranking head, bias folded in) and store "
-            "it beside the version as ann-KIND.faiss plus a JSON sidecar holding its sha256 and "
-            "that of the tensors it was built from. Serve it with mfserve serve --ann KIND. "
-            "Needs the [ann] extra."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    index.add_argument(
-        "--model", required=True, help="a model folder (newest version) or a version folder"
-    )
-    index.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="index type")
-    index.add_argument("--seed", type=int, default=0, help="random seed of the build")
-    _add_ann_param(index)
-    index.set_defaults(handler=run_index)
-
-
-def _add_ann_param(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ann-param",
-        action="append",
-        default=[],
-        metavar="NAME=INT",
-        help="index parameter, repeatable: m, ef_construction, ef_search (hnsw); "
-        "nlist, nprobe (ivf)",
-    )
-
-
-def _parse_params(pairs: list[str]) -> dict[str, int]:
-    params: dict[str, int] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--ann-param {pair!r}: expected NAME=INT")
-        params[name.strip()] = int(value)
-    return params
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -100,13 +64,13 @@ def run_synth(args: argparse.Namespace) -> int:
             print(f"mfserve synth: --{flag} must be at least 1", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
-        params = _parse_params(args.ann_param)
+        params = parse_params(args.ann_param)
     except ValueError as exc:
         print(f"mfserve synth: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     if args.ann != "none":
-        from mfserve.training.ann import DEFAULT_PARAMS
+        from mfserve.training.scoring.ann import DEFAULT_PARAMS
 
         unknown = sorted(set(params) - set(DEFAULT_PARAMS[args.ann]))
         if unknown:  # refuse before writing a version nobody asked for without its index
@@ -140,53 +104,17 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.ann == "none":
         return EXIT_OK
 
-    return _build_and_save(folder, args.ann, params, args.seed, "synth")
-
-
-def _build_and_save(folder: Any, kind: str, params: dict[str, int], seed: int, command: str) -> int:
-    from mfserve.training.ann import AnnError
-    from mfserve.training.ann_build import build_index
-    from mfserve.training.artifact import ArtifactError, load_artifact
-
-    try:
-        index = build_index(load_artifact(folder), kind, seed=seed, **params)
-        sidecar = index.save(folder)
-    except (AnnError, ArtifactError) as exc:
-        print(f"mfserve {command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"wrote {sidecar} ({kind} {index.params}) built in {index.build_seconds:.1f}s")
-    return EXIT_OK
-
-
-def run_index(args: argparse.Namespace) -> int:
-    """Handler of ``mfserve index``: returns the exit code."""
-    try:
-        params = _parse_params(args.ann_param)
-    except ValueError as exc:
-        print(f"mfserve index: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from mfserve.training.ann import DEFAULT_PARAMS
-    from mfserve.training.artifact import ArtifactError, resolve_version
-
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS[args.kind]))
-    if unknown:
-        print(
-            f"mfserve index: unknown {args.kind} parameter(s): {', '.join(unknown)}",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    try:
-        folder = resolve_version(args.model)
-    except ArtifactError as exc:
-        print(f"mfserve index: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return _build_and_save(folder, args.kind, params, args.seed, "index")
+    code: int = build_and_save(folder, args.ann, params, args.seed, "synth")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m mfserve.training.synth``) until the CLI wires it."""
+    """``python -m mfserve.training.synth``: the two commands that write into a model folder,
+    without the rest of ``mfserve`` (what tests/test_synth.py runs)."""
     parser = argparse.ArgumentParser(prog="mfserve")
-    register(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    register_index(subparsers)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
