@@ -151,6 +151,53 @@ def test_every_field_and_rpc_has_a_comment(
     assert not [name for name, path in [*messages, *services] if not comments.get(path)]
 
 
+# How a field's comment opens, as googleapis marks field behaviour: a request field is Required or
+# Optional with its default; a response field is Always set or says its Default (empty, 0, unset).
+REQUEST_FIELD = re.compile(r"^(Required\.|Optional; default )")
+RESPONSE_FIELD = re.compile(r"^(Always set|Default )")
+
+
+def test_every_field_comment_states_its_default(
+    source_info: descriptor_pb2.FileDescriptorProto,
+) -> None:
+    comments = _comments(source_info)
+    messages = {m.name: m for m in source_info.message_type}
+    wrong = []
+    for name, path in _fields(list(source_info.message_type), (4,), ""):
+        message, field_name = name.split(".", 1)
+        field = next(f for f in messages[message].field if f.name == field_name)
+        text = comments[path]
+        if field.options.deprecated:
+            ok = text.startswith("Deprecated; default ")
+        elif message.endswith("Request"):
+            ok = bool(REQUEST_FIELD.match(text))
+        else:
+            ok = bool(RESPONSE_FIELD.match(text))
+        if not ok:
+            wrong.append(f"{name}: {text.splitlines()[0]!r}")
+    assert not wrong, "field comments that do not open with their default:\n" + "\n".join(wrong)
+
+
+def test_one_convention_for_unknown_ids(source_info: descriptor_pb2.FileDescriptorProto) -> None:
+    """Responses report unknown ids as missing_user_ids / missing_item_ids; TopK's older mixed
+    missing_ids stays (deprecated, never renumbered) for old clients."""
+    numbers = {
+        (m.name, f.name): (f.number, f.options.deprecated)
+        for m in source_info.message_type
+        for f in m.field
+        if f.name.startswith("missing_")
+    }
+    assert numbers == {
+        ("PredictResponse", "missing_user_ids"): (3, False),
+        ("PredictResponse", "missing_item_ids"): (4, False),
+        ("BatchPredictResponse", "missing_user_ids"): (3, False),
+        ("BatchPredictResponse", "missing_item_ids"): (4, False),
+        ("TopKResponse", "missing_ids"): (3, True),
+        ("TopKResponse", "missing_user_ids"): (4, False),
+        ("TopKResponse", "missing_item_ids"): (5, False),
+    }
+
+
 def _enums(descriptor: Descriptor | None, top: list[EnumDescriptor]) -> Iterator[EnumDescriptor]:
     yield from top
     if descriptor is not None:

@@ -86,14 +86,18 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TopKResponse(_message.Message):
-    __slots__ = ("items", "model_version", "missing_ids")
+    __slots__ = ("items", "model_version", "missing_ids", "missing_user_ids", "missing_item_ids")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MISSING_IDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: int
     missing_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., missing_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    missing_user_ids: _containers.RepeatedScalarFieldContainer[str]
+    missing_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., missing_ids: _Optional[_Iterable[str]] = ..., missing_user_ids: _Optional[_Iterable[str]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k", "exclude_item_ids", "candidate_item_ids", "include_metadata")

@@ -43,6 +43,19 @@ class RecommenderServiceStub:
     Errors caused by the request carry a `google.rpc.BadRequest` detail whose
     field violations name the offending field, and a message that names the
     field and its value.
+
+    `NOT_FOUND` for ids the model does not know also carries one
+    `google.rpc.ResourceInfo` detail per unknown id it names (at most 5 per
+    field; the message counts the rest): `resource_type` is `user` or `item`,
+    `resource_name` the id, and `description` the request field that held it
+    (`user_id`, `item_ids`, `candidate_item_ids`, ...). Read ids from there,
+    not from the message, which quotes and cuts long ids for people. An id
+    over 256 characters is named in no `ResourceInfo`.
+
+    Unknown ids in a successful (cold-start) answer are reported the same way
+    in every response: `missing_user_ids` and `missing_item_ids`, kept apart
+    because a user and an item may share an id (MovieLens user `1` and movie
+    `1`).
     """
 
     def __init__(self, channel):
@@ -96,6 +109,19 @@ class RecommenderServiceServicer:
     Errors caused by the request carry a `google.rpc.BadRequest` detail whose
     field violations name the offending field, and a message that names the
     field and its value.
+
+    `NOT_FOUND` for ids the model does not know also carries one
+    `google.rpc.ResourceInfo` detail per unknown id it names (at most 5 per
+    field; the message counts the rest): `resource_type` is `user` or `item`,
+    `resource_name` the id, and `description` the request field that held it
+    (`user_id`, `item_ids`, `candidate_item_ids`, ...). Read ids from there,
+    not from the message, which quotes and cuts long ids for people. An id
+    over 256 characters is named in no `ResourceInfo`.
+
+    Unknown ids in a successful (cold-start) answer are reported the same way
+    in every response: `missing_user_ids` and `missing_item_ids`, kept apart
+    because a user and an item may share an id (MovieLens user `1` and movie
+    `1`).
     """
 
     def Predict(self, request, context):
@@ -208,6 +234,19 @@ class RecommenderService:
     Errors caused by the request carry a `google.rpc.BadRequest` detail whose
     field violations name the offending field, and a message that names the
     field and its value.
+
+    `NOT_FOUND` for ids the model does not know also carries one
+    `google.rpc.ResourceInfo` detail per unknown id it names (at most 5 per
+    field; the message counts the rest): `resource_type` is `user` or `item`,
+    `resource_name` the id, and `description` the request field that held it
+    (`user_id`, `item_ids`, `candidate_item_ids`, ...). Read ids from there,
+    not from the message, which quotes and cuts long ids for people. An id
+    over 256 characters is named in no `ResourceInfo`.
+
+    Unknown ids in a successful (cold-start) answer are reported the same way
+    in every response: `missing_user_ids` and `missing_item_ids`, kept apart
+    because a user and an item may share an id (MovieLens user `1` and movie
+    `1`).
     """
 
     @staticmethod
