@@ -5,17 +5,20 @@ Validation code raises :class:`ServiceError`; one wrapper in the servicer turns 
 plain, synchronous, unit-testable code, and a future batcher or another transport can reuse it.
 
 The detail travels in the ``grpc-status-details-bin`` trailer (``grpc_status.rpc_status``), which
-every gRPC language decodes, e.g. Python's ``grpc_status.rpc_status.from_call(call)``.
+every gRPC language decodes, e.g. Python's ``grpc_status.rpc_status.from_call(call)``. ``NOT_FOUND``
+adds a ``google.rpc.ResourceInfo`` per unknown id it names, so clients read ids from data, never
+from the message, whose quoting and cutting are for people.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -24,6 +27,24 @@ from grpc_status import rpc_status
 MAX_NAMED_IDS = 5
 # Ids are echoed back in messages; a pathological 1 MB id must not be.
 MAX_ECHOED_CHARS = 80
+# The longest id a ResourceInfo carries, whole (a cut id would name a different resource). Bound so
+# that the trailer (MAX_NAMED_IDS per field, two fields) stays well under gRPC's default 8 KiB
+# metadata limit, past which the client would see the call fail instead of the error.
+MAX_DETAIL_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class UnknownId:
+    """One id the model does not know, sent as a ``google.rpc.ResourceInfo``.
+
+    ``resource_type`` is ``user`` or ``item`` (the two id spaces: MovieLens user ``1`` and movie
+    ``1`` are different things); ``field`` is the request field that held it, sent as the
+    detail's ``description`` so a client can tell ``item_id`` from ``candidate_item_ids``.
+    """
+
+    resource_type: str
+    id: str
+    field: str
 
 
 class ServiceError(Exception):
@@ -34,26 +55,38 @@ class ServiceError(Exception):
         code: grpc.StatusCode,
         message: str,
         violations: Sequence[tuple[str, str]] = (),
+        unknown_ids: Sequence[UnknownId] = (),
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         # (field path, description) pairs, sent as one google.rpc.BadRequest detail.
         self.violations = tuple(violations)
+        self.unknown_ids = tuple(unknown_ids)
 
     def to_status(self) -> grpc.Status:
         """The ``grpc.Status`` to pass to ``context.abort_with_status``."""
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        details: list[Message] = []
         if self.violations:
-            detail = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
-                    for field, text in self.violations
-                ]
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
+                        for field, text in self.violations
+                    ]
+                )
             )
-            packed = any_pb2.Any()
-            packed.Pack(detail)
-            status.details.append(packed)
+        details.extend(
+            error_details_pb2.ResourceInfo(
+                resource_type=unknown.resource_type,
+                resource_name=unknown.id,
+                description=unknown.field,
+            )
+            for unknown in self.unknown_ids
+        )
+        for detail in details:
+            status.details.add().Pack(detail)
         return rpc_status.to_status(status)
 
 
@@ -89,6 +122,12 @@ def invalid_fields(text: str, *fields: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, text, [(field, text) for field in fields])
 
 
+def resource_type(field: str) -> str:
+    """The id space of a request field: ``user_id``/``user_ids`` hold users, every other id field
+    (``item_id``, ``item_ids``, ``candidate_item_ids``, ...) holds items."""
+    return "user" if field.startswith("user_") else "item"
+
+
 def not_found(
     unknown: dict[str, Sequence[str]],
     *,
@@ -98,11 +137,14 @@ def not_found(
     """``NOT_FOUND`` naming the unknown ids, per field (e.g. ``{"user_id": ["u9"]}``).
 
     ``unknown`` lists the distinct unknown ids of each field in order of first appearance; only the
-    first :data:`MAX_NAMED_IDS` are named. ``total`` overrides the count (when the caller stopped
-    collecting early). ``hint`` is appended to the message (e.g. how to get a cold-start answer).
+    first :data:`MAX_NAMED_IDS` are named, in the message, in one ``BadRequest`` violation per
+    field and in one ``ResourceInfo`` each (unless longer than :data:`MAX_DETAIL_ID_CHARS`).
+    ``total`` overrides the count (when the caller stopped collecting early). ``hint`` is appended
+    to the message (e.g. how to get a cold-start answer).
     """
     parts: list[str] = []
     violations: list[tuple[str, str]] = []
+    named_ids: list[UnknownId] = []
     for field, ids in unknown.items():
         if not ids:
             continue
@@ -114,8 +156,12 @@ def not_found(
         )
         parts.append(text)
         violations.append((field, text))
+        kind = resource_type(field)
+        named_ids.extend(
+            UnknownId(kind, i, field) for i in ids[:MAX_NAMED_IDS] if len(i) <= MAX_DETAIL_ID_CHARS
+        )
     message = "; ".join(parts) + (f" ({hint})" if hint else "")
-    return ServiceError(grpc.StatusCode.NOT_FOUND, message, violations)
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message, violations, named_ids)
 
 
 def unavailable(message: str) -> ServiceError:
@@ -127,13 +173,16 @@ def internal(message: str) -> ServiceError:
 
 
 __all__ = [
+    "MAX_DETAIL_ID_CHARS",
     "MAX_NAMED_IDS",
     "ServiceError",
+    "UnknownId",
     "abort",
     "internal",
     "invalid_argument",
     "invalid_fields",
     "not_found",
+    "resource_type",
     "show",
     "unavailable",
 ]

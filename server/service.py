@@ -332,6 +332,9 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         response = pb.TopKResponse()
         response.model_version = model.artifact.version
         if missing_user or missing_candidates:
+            response.missing_user_ids.extend(missing_user)
+            response.missing_item_ids.extend(missing_candidates)
+            # Deprecated, filled for one more release: clients before the split read only this.
             response.missing_ids.extend(missing_user + missing_candidates)
         add_scored(response.items, model, rows_out, scores, request.include_metadata)
         return response

@@ -1,4 +1,5 @@
-"""Every error status in the proto comments: code, message (field and value), BadRequest detail."""
+"""Every error status in the proto comments: code, message (field and value), BadRequest detail,
+and for unknown ids a ResourceInfo detail per id, all read off the wire with the official protos."""
 
 from __future__ import annotations
 
@@ -35,16 +36,37 @@ def call_error(method: Callable[[Any], Any], request: Any) -> grpc.RpcError:
     return caught.value
 
 
-def violations(error: grpc.RpcError) -> dict[str, str]:
-    """The google.rpc.BadRequest field violations of an error, as {field: description}."""
+def details(error: grpc.RpcError) -> list[Any]:
+    """The ``Any`` details of the error's google.rpc.Status trailer."""
     status = rpc_status.from_call(error)  # also checks code and message agree with the trailer
     assert status is not None, "no google.rpc.Status in the trailers"
+    return list(status.details)
+
+
+def violations(error: grpc.RpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations of an error, as {field: description}."""
     found: dict[str, str] = {}
-    for detail in status.details:
+    for detail in details(error):
         bad_request = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad_request)
-        found.update({v.field: v.description for v in bad_request.field_violations})
+        if detail.Unpack(bad_request):
+            found.update({v.field: v.description for v in bad_request.field_violations})
     return found
+
+
+def resources(error: grpc.RpcError) -> list[tuple[str, str, str]]:
+    """The google.rpc.ResourceInfo details, as (resource_type, resource_name, description)."""
+    found: list[tuple[str, str, str]] = []
+    for detail in details(error):
+        info = error_details_pb2.ResourceInfo()
+        if detail.Unpack(info):
+            found.append((info.resource_type, info.resource_name, info.description))
+    return found
+
+
+def test_every_detail_is_a_bad_request_or_a_resource_info(stub: Any) -> None:
+    error = call_error(stub.Predict, pb.PredictRequest(user_id="x1", item_id="y1"))
+    names = [d.TypeName() for d in details(error)]
+    assert names == ["google.rpc.BadRequest"] + ["google.rpc.ResourceInfo"] * 2
 
 
 def check(error: grpc.RpcError, code: grpc.StatusCode, field: str, *in_message: str) -> None:
@@ -144,7 +166,56 @@ CASES: list[tuple[str, Any, grpc.StatusCode, str, tuple[str, ...]]] = [
 def test_error(
     stub: Any, rpc: str, request_: Any, code: grpc.StatusCode, field: str, texts: tuple[str, ...]
 ) -> None:
-    check(call_error(getattr(stub, rpc), request_), code, field, *texts)
+    error = call_error(getattr(stub, rpc), request_)
+    check(error, code, field, *texts)
+    if code == INVALID:
+        assert resources(error) == []  # no resource is missing; the request is malformed
+
+
+# (rpc, request, the ResourceInfo details: (resource_type, id, request field), in order)
+UNKNOWN: list[tuple[str, Any, list[tuple[str, str, str]]]] = [
+    ("Predict", pb.PredictRequest(user_id="who", item_id="i1"), [("user", "who", "user_id")]),
+    (
+        "Predict",
+        pb.PredictRequest(user_id="x1", item_id="y1"),
+        [("user", "x1", "user_id"), ("item", "y1", "item_id")],
+    ),
+    (
+        "BatchPredict",
+        pb.BatchPredictRequest(user_ids=["u1", "st", "st"], item_ids=["i1", "i2", "no"]),
+        [("user", "st", "user_ids"), ("item", "no", "item_ids")],
+    ),
+    ("TopK", pb.TopKRequest(user_id="ghost"), [("user", "ghost", "user_id")]),
+    (
+        "TopK",
+        pb.TopKRequest(user_id="u1", candidate_item_ids=["i1", "phantom", "i2", "boo"]),
+        [("item", "phantom", "candidate_item_ids"), ("item", "boo", "candidate_item_ids")],
+    ),
+    # An item id as the user and a user id as a candidate: the resource types tell them apart.
+    (
+        "TopK",
+        pb.TopKRequest(user_id="i5", candidate_item_ids=["u3"]),
+        [("user", "i5", "user_id"), ("item", "u3", "candidate_item_ids")],
+    ),
+    ("SimilarItems", pb.SimilarItemsRequest(item_id="nope"), [("item", "nope", "item_id")]),
+    (
+        "SimilarItems",
+        pb.SimilarItemsRequest(item_id="i1", candidate_item_ids=["i2", "nah"]),
+        [("item", "nah", "candidate_item_ids")],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_", "expected"), UNKNOWN, ids=[f"{c[0]}-{i}" for i, c in enumerate(UNKNOWN)]
+)
+def test_not_found_sends_a_resource_info_per_unknown_id(
+    stub: Any, rpc: str, request_: Any, expected: list[tuple[str, str, str]]
+) -> None:
+    error = call_error(getattr(stub, rpc), request_)
+    assert error.code() == NOT_FOUND
+    assert resources(error) == expected
+    assert set(violations(error)) == {field for _, _, field in expected}
 
 
 def test_cold_start_does_not_cover_similar_items_candidates(stub: Any) -> None:
@@ -162,6 +233,7 @@ def test_batch_not_found_names_the_first_few_and_counts(stub: Any) -> None:
     check(error, NOT_FOUND, "user_ids", "8 unknown user_ids", '"ghost0"', '"ghost4"', "and 3 more")
     assert '"ghost5"' not in error.details()
     assert "allow_cold_start" in error.details()
+    assert [name for _, name, _ in resources(error)] == [f"ghost{i}" for i in range(5)]
 
 
 def test_not_found_names_both_fields(stub: Any) -> None:
@@ -175,6 +247,23 @@ def test_long_ids_are_cut_in_messages(stub: Any) -> None:
     assert error.code() == NOT_FOUND
     assert "10000 chars" in error.details()
     assert len(error.details()) < 400
+    # A cut id would name another resource, and a whole one could overflow the trailer: none.
+    assert resources(error) == [] and set(violations(error)) == {"user_id"}
+    error = call_error(stub.Predict, pb.PredictRequest(user_id="y" * 256, item_id="i1"))
+    assert "256 chars" in error.details()
+    assert resources(error) == [("user", "y" * 256, "user_id")]  # whole in the detail
+
+
+def test_the_most_named_ids_fit_in_the_trailer(stub: Any) -> None:
+    # Five named per field, two fields, each at the longest a detail carries: still NOT_FOUND, not
+    # a call failed on gRPC's metadata size limit.
+    users = [f"{n}".ljust(256, "u") for n in range(7)]
+    items = [f"{n}".ljust(256, "i") for n in range(7)]
+    error = call_error(stub.BatchPredict, pb.BatchPredictRequest(user_ids=users, item_ids=items))
+    assert error.code() == NOT_FOUND
+    named = resources(error)
+    assert [n for t, n, _ in named if t == "user"] == users[:5]
+    assert [n for t, n, _ in named if t == "item"] == items[:5]
 
 
 def test_unavailable_without_a_model() -> None:
