@@ -20,14 +20,12 @@ calling code, not failures of the service.
 
 Rich details come from the ``grpc-status-details-bin`` trailer (a ``google.rpc.Status``), decoded
 with the client's own copy of those messages (``_protos``) so the base install needs neither
-grpcio-status nor googleapis-common-protos.
+grpcio-status nor googleapis-common-protos. Unknown ids are read from its ``ResourceInfo`` details
+only, never from the message text: the message quotes and cuts ids for people.
 """
 
 from __future__ import annotations
 
-import ast
-import json
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,9 +84,10 @@ class InvalidArgumentError(RpcError):
 class NotFoundError(RpcError):
     """``NOT_FOUND``: the model does not know some ids.
 
-    ``unknown`` maps each request field to the ids the server named (it names at most a few per
-    field and counts the rest); ``ids`` is all of them in order. Pass ``allow_cold_start=True`` to
-    get a cold-start answer for unknown users instead.
+    ``unknown`` maps each request field (``user_id``, ``item_ids``, ``candidate_item_ids``, ...) to
+    the ids the server named in ``google.rpc.ResourceInfo`` details (at most a few per field; the
+    message counts the rest, and an id too long to send whole is not named); ``ids`` is all of
+    them in order. Pass ``allow_cold_start=True`` to get a cold-start answer instead.
     """
 
     def __init__(
@@ -167,63 +166,14 @@ def _unpack(details: list[Message], cls: type[Message]) -> list[Message]:
     return out
 
 
-# A quoted id: JSON ("u9", the server's style) or a Python repr ('u9').
-_QUOTED = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""")
-# After a quoted id, the server's mark of an id it cut short: ``"abc..."... (1000 chars)``.
-_CUT = re.compile(r"\.\.\. \(\d+ chars\)")
-# The field a NOT_FOUND message part is about: ``unknown user_id "u9"``, ``2 unknown item_ids:``.
-_FIELD = re.compile(r"unknown (\w+)")
-
-
-def _decode(token: str) -> str | None:
-    try:
-        value = json.loads(token) if token.startswith('"') else ast.literal_eval(token)
-    except (ValueError, SyntaxError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _quoted_ids(text: str) -> list[str]:
-    """The ids quoted after ``unknown`` in a server message, skipping ones it cut short."""
-    _, marker, rest = text.partition("unknown ")
-    if not marker:
-        return []
-    ids: list[str] = []
-    for match in _QUOTED.finditer(rest):
-        if _CUT.match(rest, match.end()):
-            continue
-        value = _decode(match.group())
-        if value is not None:
-            ids.append(value)
-    return ids
-
-
-def _unknown_ids(
-    details: str, violations: tuple[FieldViolation, ...], resources: list[Message]
-) -> dict[str, list[str]]:
-    """Unknown ids per field: from ``ResourceInfo`` details if any, else from the messages.
-
-    A ``google.rpc.ResourceInfo`` per id (``resource_type`` = field, ``resource_name`` = id) is the
-    structured form. Without it, the server names unknown ids in one ``BadRequest`` violation per
-    field (``unknown user_id "u9"``; ``7 unknown item_ids: "a", "b" and 5 more``), and failing
-    that in the message itself.
-    """
+def _unknown_ids(resources: list[Message]) -> dict[str, list[str]]:
+    """Unknown ids per request field, from the ``ResourceInfo`` details (the server's contract:
+    ``resource_name`` is the id, ``description`` the field; ``resource_type`` names the field when
+    a server leaves ``description`` empty)."""
     unknown: dict[str, list[str]] = {}
-    if resources:
-        for info in resources:
-            field = str(getattr(info, "resource_type", "")) or "id"
-            unknown.setdefault(field, []).append(str(getattr(info, "resource_name", "")))
-        return unknown
-    for violation in violations:
-        ids = _quoted_ids(violation.description)
-        if ids:
-            unknown.setdefault(violation.field, []).extend(ids)
-    if not unknown:
-        for part in details.split("; "):
-            ids = _quoted_ids(part)
-            if ids:
-                match = _FIELD.search(part)
-                unknown.setdefault(match.group(1) if match else "id", []).extend(ids)
+    for info in resources:
+        field = str(getattr(info, "description", "")) or str(getattr(info, "resource_type", ""))
+        unknown.setdefault(field or "id", []).append(str(getattr(info, "resource_name", "")))
     return unknown
 
 
@@ -248,7 +198,7 @@ def _map_error(exc: grpc.RpcError) -> RpcError:
     )
     cls = _BY_CODE.get(code, RpcError)
     if cls is NotFoundError:
-        unknown = _unknown_ids(details, violations, _unpack(rich, _protos.ResourceInfo))
+        unknown = _unknown_ids(_unpack(rich, _protos.ResourceInfo))
         return NotFoundError(code, details, field_violations=violations, unknown=unknown)
     return cls(code, details, field_violations=violations)
 

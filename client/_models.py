@@ -98,13 +98,24 @@ class Recommendation:
 class TopKResult(Sequence[Recommendation]):
     """Ranked items, best first, from ``top_k`` or ``similar_items``; a sequence of them.
 
-    ``missing_ids``: ids of the request the model did not know (``top_k`` with
-    ``allow_cold_start``: the user, and unknown candidate items); always empty for similar items.
+    With ``top_k(..., allow_cold_start=True)``, ``missing_user_ids`` holds the user when the model
+    did not know it and ``missing_item_ids`` the unknown ``candidate_item_ids`` (skipped), as
+    ``Prediction`` and ``BatchPrediction`` report them; both are always empty for similar items.
+    ``missing_ids`` is deprecated (it mixes users and items, which may share an id): the user
+    first, then the items; kept for one release, as on the wire.
     """
 
     items: tuple[Recommendation, ...]
     model_version: int
     missing_ids: tuple[str, ...] = ()
+    missing_user_ids: tuple[str, ...] = ()
+    missing_item_ids: tuple[str, ...] = ()
+
+    @property
+    def cold_start(self) -> bool:
+        """Whether the answer is a cold-start one (the user or a candidate item was unknown)."""
+        # missing_ids too: a server from before the split fills only that.
+        return bool(self.missing_user_ids or self.missing_item_ids or self.missing_ids)
 
     @property
     def item_ids(self) -> list[str]:
@@ -192,8 +203,16 @@ def top_k_result(response: Any) -> TopKResult:
         )
         for item in response.items
     )
-    missing = tuple(getattr(response, "missing_ids", ()))
-    return TopKResult(items=items, model_version=int(response.model_version), missing_ids=missing)
+    # SimilarItemsResponse has none of the missing fields: it never answers for unknown ids.
+    users = tuple(getattr(response, "missing_user_ids", ()))
+    unknown_items = tuple(getattr(response, "missing_item_ids", ()))
+    return TopKResult(
+        items=items,
+        model_version=int(response.model_version),
+        missing_ids=tuple(getattr(response, "missing_ids", ())),
+        missing_user_ids=users,
+        missing_item_ids=unknown_items,
+    )
 
 
 def model_info(response: Any) -> ModelInfo:

@@ -121,8 +121,20 @@ def test_top_k_cold_start(client: RecommenderClient) -> None:
     with pytest.raises(NotFoundError):
         client.top_k("nobody")
     result = client.top_k("nobody", k=3, allow_cold_start=True, candidate_item_ids=["i1", "zz"])
+    assert (result.missing_user_ids, result.missing_item_ids) == (("nobody",), ("zz",))
+    assert result.cold_start and result.item_ids == ["i1"]
+    # The deprecated mixed list is still filled for older callers: the user, then the items.
     assert result.missing_ids == ("nobody", "zz")
-    assert result.item_ids == ["i1"]
+
+
+def test_top_k_cold_start_keeps_users_and_items_apart(client: RecommenderClient) -> None:
+    # "i5" is a known item but no user, and "u3" a known user but no item: in the mixed list
+    # they would be indistinguishable from an unknown candidate "i5" and an unknown user "u3".
+    result = client.top_k("i5", k=2, allow_cold_start=True, candidate_item_ids=["i5", "u3"])
+    assert (result.missing_user_ids, result.missing_item_ids) == (("i5",), ("u3",))
+    assert result.item_ids == ["i5"]
+    known = client.top_k("u3", k=2, candidate_item_ids=["i5"])
+    assert not known.cold_start and known.missing_user_ids == known.missing_item_ids == ()
 
 
 def test_similar_items(client: RecommenderClient) -> None:
@@ -130,7 +142,8 @@ def test_similar_items(client: RecommenderClient) -> None:
     assert len(result) == 6 and "i8" not in result.item_ids
     assert {cluster(i) for i in result.item_ids} == {0}
     assert all(-1.0 <= r.score <= 1.0 for r in result)
-    assert result.missing_ids == ()
+    assert result.missing_user_ids == result.missing_item_ids == result.missing_ids == ()
+    assert not result.cold_start
     assert result[0].title.startswith("Item ")
     narrowed = client.similar_items("i8", k=2, candidate_item_ids=["i1", "i4", "i12"])
     assert set(narrowed.item_ids) <= {"i1", "i4", "i12"}

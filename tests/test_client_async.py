@@ -46,6 +46,9 @@ def test_every_method_answers_like_the_sync_client(server_address: str) -> None:
             "cold": await client.predict("nobody", "i7", allow_cold_start=True),
             "batch": await client.batch_predict(users, items, batch_size=7),
             "top_k": await client.top_k("u1", k=5, include_metadata=True),
+            "cold_top_k": await client.top_k(
+                "nobody", k=3, allow_cold_start=True, candidate_item_ids=["i1", "zz"]
+            ),
             "similar": await client.similar_items("i8", k=4, exclude_item_ids=["i4"]),
             "info": await client.model_info(),
             "health": await client.health(),
@@ -59,6 +62,9 @@ def test_every_method_answers_like_the_sync_client(server_address: str) -> None:
         assert got["batch"].ratings == sync.batch_predict(users, items).ratings
         assert got["batch"].model_versions == (1,) * 5
         assert got["top_k"] == sync.top_k("u1", k=5, include_metadata=True)
+        cold = sync.top_k("nobody", k=3, allow_cold_start=True, candidate_item_ids=["i1", "zz"])
+        assert got["cold_top_k"] == cold
+        assert (cold.missing_user_ids, cold.missing_item_ids) == (("nobody",), ("zz",))
         assert got["similar"] == sync.similar_items("i8", k=4, exclude_item_ids=["i4"])
         assert got["info"] == sync.model_info()
     assert got["health"] is HealthStatus.SERVING
@@ -70,6 +76,7 @@ def test_errors_are_typed_and_chained(server_address: str) -> None:
         caught: list[BaseException] = []
         for call in (
             client.predict("nobody", "i1"),
+            client.top_k("u1", candidate_item_ids=["i1", "phantom"]),
             client.top_k("u1", k=-1),
             client.batch_predict(
                 [f"u{n % 60}" for n in range(50_000)], ["i1"] * 50_000, timeout=0.001
@@ -81,12 +88,14 @@ def test_errors_are_typed_and_chained(server_address: str) -> None:
                 caught.append(exc)
         return caught
 
-    not_found, invalid, deadline = run(server_address, body)
+    not_found, unknown_candidate, invalid, deadline = run(server_address, body)
     assert isinstance(not_found, NotFoundError) and not_found.ids == ("nobody",)
+    assert isinstance(unknown_candidate, NotFoundError)
+    assert unknown_candidate.unknown == {"candidate_item_ids": ("phantom",)}
     assert isinstance(invalid, InvalidArgumentError)
     assert [v.field for v in invalid.field_violations] == ["k"]
     assert isinstance(deadline, DeadlineExceededError)
-    for error in (not_found, invalid, deadline):
+    for error in (not_found, unknown_candidate, invalid, deadline):
         assert isinstance(error.__cause__, grpc.aio.AioRpcError)
 
 

@@ -62,6 +62,45 @@ def test_not_found_names_the_unknown_ids(client: RecommenderClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("call", "unknown"),
+    [
+        (lambda c: c.predict("x1", "y1"), {"user_id": ("x1",), "item_id": ("y1",)}),
+        (lambda c: c.top_k("ghost"), {"user_id": ("ghost",)}),
+        (lambda c: c.top_k("u1", candidate_item_ids=["i1", "ph"]), {"candidate_item_ids": ("ph",)}),
+        (
+            lambda c: c.similar_items("i1", candidate_item_ids=["nah"]),
+            {"candidate_item_ids": ("nah",)},
+        ),
+        # "i5" is an item, not a user: the detail says which field (and id space) was unknown.
+        (lambda c: c.top_k("i5", candidate_item_ids=["i5"]), {"user_id": ("i5",)}),
+    ],
+)
+def test_not_found_reads_the_unknown_ids_per_field(
+    client: RecommenderClient, call: Callable[[RecommenderClient], Any], unknown: dict[str, Any]
+) -> None:
+    error = raised(lambda: call(client), NotFoundError)
+    assert dict(error.unknown) == unknown
+    assert {v.field for v in error.field_violations} == set(unknown)
+
+
+def test_not_found_ids_come_whole_from_the_detail_not_the_message(
+    client: RecommenderClient,
+) -> None:
+    # Quotes, commas, "and N more" and non-ASCII in an id: the message quotes it for people, the
+    # ResourceInfo detail carries it as it was sent.
+    odd = 'it\'s "x", and 3 more; été'
+    long = "L" * 200  # over the message's 80-character cut, under the detail's 256
+    error = raised(
+        lambda: client.batch_predict([odd, long, "u1"], ["i1", "i2", "i3"]), NotFoundError
+    )
+    assert error.unknown == {"user_ids": (odd, long)}
+    assert long not in error.details and "(200 chars)" in error.details
+    # Too long to send whole: the message and violation name the field, no id is claimed.
+    error = raised(lambda: client.predict("z" * 10_000, "i1"), NotFoundError)
+    assert error.ids == () and [v.field for v in error.field_violations] == ["user_id"]
+
+
+@pytest.mark.parametrize(
     ("call", "field"),
     [
         (lambda c: c.top_k("u1", k=-1), "k"),

@@ -96,48 +96,49 @@ def test_invalid_argument_carries_field_violations_from_rich_status() -> None:
     assert error.field_violations == (sdk.FieldViolation("k", text),)
 
 
-def test_not_found_ids_from_violations_in_the_servers_format() -> None:
-    # mfserve.server.errors.not_found: one violation per field, ids JSON-quoted, at most 5 named.
-    users = 'unknown user_ids "it\'s \\"x\\""'
-    items = '7 unknown item_ids: "i1", "i2", "i3", "i4", "i5" and 2 more'
-    message = f"{users}; {items} (set allow_cold_start to answer unknown ids ...)"
+def resource(kind: str, name: str, field: str = "") -> Any:
+    return error_details_pb2.ResourceInfo(resource_type=kind, resource_name=name, description=field)
+
+
+def test_not_found_ids_per_field_from_resource_info_details() -> None:
+    # mfserve.server.errors.not_found: a violation per field for people, a ResourceInfo per id.
+    message = 'unknown user_id "it\'s"; 2 unknown candidate_item_ids: "a, b", "c"'
     trailer = rich(
-        grpc.StatusCode.NOT_FOUND, message, bad_request(("user_ids", users), ("item_ids", items))
+        grpc.StatusCode.NOT_FOUND,
+        message,
+        bad_request(("user_id", "unknown user_id ..."), ("candidate_item_ids", "2 unknown ...")),
+        resource("user", "it's", "user_id"),
+        resource("item", "a, b", "candidate_item_ids"),
+        resource("item", "c", "candidate_item_ids"),
     )
     error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, message, trailer))
     assert isinstance(error, sdk.NotFoundError)
-    assert dict(error.unknown) == {
-        "user_ids": ('it\'s "x"',),
-        "item_ids": ("i1", "i2", "i3", "i4", "i5"),
-    }
-    assert error.ids == ('it\'s "x"', "i1", "i2", "i3", "i4", "i5")
+    assert dict(error.unknown) == {"user_id": ("it's",), "candidate_item_ids": ("a, b", "c")}
+    assert error.ids == ("it's", "a, b", "c")
+    assert [v.field for v in error.field_violations] == ["user_id", "candidate_item_ids"]
+
+
+def test_not_found_without_a_field_falls_back_to_the_resource_type() -> None:
+    trailer = rich(grpc.StatusCode.NOT_FOUND, "gone", resource("user", "u 1"), resource("", "x"))
+    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "gone", trailer))
+    assert isinstance(error, sdk.NotFoundError)
+    assert dict(error.unknown) == {"user": ("u 1",), "id": ("x",)}
 
 
 @pytest.mark.parametrize(
-    "message",
+    "details",
     [
-        'unknown user_id "u9" (set allow_cold_start ...)',
-        "user_id: 1 unknown id: 'u9' (hint)",  # an older server's Python-repr style
+        (),  # a bare status: the message alone
+        (bad_request(("user_id", 'unknown user_id "u9"')),),  # a violation, no ResourceInfo
     ],
 )
-def test_not_found_ids_from_the_message_without_details(message: str) -> None:
-    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, message))
+def test_not_found_ids_are_never_parsed_from_text(details: tuple[Any, ...]) -> None:
+    message = 'unknown user_id "u9" (set allow_cold_start ...)'
+    trailer = rich(grpc.StatusCode.NOT_FOUND, message, *details) if details else ()
+    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, message, trailer))
     assert isinstance(error, sdk.NotFoundError)
-    assert error.ids == ("u9",)
-
-
-def test_not_found_skips_ids_the_server_cut_short() -> None:
-    message = 'unknown item_id "aaaa"... (1000 chars)'
-    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, message))
-    assert isinstance(error, sdk.NotFoundError) and error.ids == ()
-
-
-def test_not_found_prefers_resource_info_details() -> None:
-    info = error_details_pb2.ResourceInfo(resource_type="user_id", resource_name="u 1")
-    trailer = rich(grpc.StatusCode.NOT_FOUND, "gone", info)
-    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "gone", trailer))
-    assert isinstance(error, sdk.NotFoundError)
-    assert error.ids == ("u 1",)
+    assert error.ids == () and dict(error.unknown) == {}
+    assert error.details == message
 
 
 def test_corrupt_or_foreign_details_are_ignored() -> None:
@@ -152,15 +153,23 @@ def test_corrupt_or_foreign_details_are_ignored() -> None:
 
 def test_errors_pickle_with_their_attributes() -> None:
     message = 'unknown user_id "u9"'
-    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, message))
+    trailer = rich(
+        grpc.StatusCode.NOT_FOUND,
+        message,
+        bad_request(("user_id", message)),
+        resource("user", "u9", "user_id"),
+    )
+    error = _map_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, message, trailer))
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is sdk.NotFoundError
-    assert (copy.code, copy.details, copy.ids, str(copy)) == (
+    assert (copy.code, copy.details, copy.ids, copy.unknown, str(copy)) == (
         error.code,
         message,
         ("u9",),
+        {"user_id": ("u9",)},
         str(error),
     )
+    assert copy.field_violations == (sdk.FieldViolation("user_id", message),)
 
 
 def test_a_bare_rpc_error_maps_to_unknown() -> None:

@@ -102,19 +102,33 @@ def test_batch_prediction_joins_responses_in_order() -> None:
 
 
 def test_results_are_frozen_typed_dataclasses() -> None:
-    response = pb.TopKResponse(model_version=2, missing_ids=["u9"])
+    response = pb.TopKResponse(
+        model_version=2, missing_ids=["u9", "i7"], missing_user_ids=["u9"], missing_item_ids=["i7"]
+    )
     response.items.add(item_id="i1", score=0.5, rank=1, title="One", genres=["a", "b"])
     result = _models.top_k_result(response)
     assert result == TopKResult(
         items=(Recommendation("i1", 0.5, 1, "One", ("a", "b")),),
         model_version=2,
-        missing_ids=("u9",),
+        missing_ids=("u9", "i7"),
+        missing_user_ids=("u9",),
+        missing_item_ids=("i7",),
     )
+    assert result.cold_start
     assert result.item_ids == ["i1"] and result[0].title == "One"
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.model_version = 3
     prediction = _models.prediction("u", "i", pb.PredictResponse(rating=3.5, model_version=1))
     assert prediction == Prediction("u", "i", 3.5, 1) and not prediction.cold_start
+
+
+def test_top_k_from_a_server_before_the_split() -> None:
+    # Such a server fills only the deprecated mixed list: it stays readable, and says cold start.
+    result = _models.top_k_result(pb.TopKResponse(model_version=1, missing_ids=["u9"]))
+    assert result.missing_ids == ("u9",) and result.cold_start
+    assert result.missing_user_ids == result.missing_item_ids == ()
+    similar = _models.top_k_result(pb.SimilarItemsResponse(model_version=1))
+    assert not similar.cold_start and similar.missing_ids == ()
 
 
 def test_model_info_converts_time_and_maps() -> None:
