@@ -1,30 +1,32 @@
-"""``RecommenderClient``: the blocking client over one gRPC channel."""
+"""``RecommenderClient``: the blocking client over one gRPC channel.
+
+Everything but the I/O (configuration, the channel's plumbing, the requests) is in ``_base``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from mfserve.v1 import recommender_pb2 as pb
-from mfserve.v1 import recommender_pb2_grpc as pb_grpc
-
-from . import _models, _protos, _requests
-from ._config import (
-    DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_BATCH_PAIRS,
-    RetryPolicy,
-    TlsOption,
-    client_settings,
+from ._base import BaseClient, Call, is_serving, watch_ended
+from ._config import ClientSettings
+from ._exceptions import translate_errors
+from ._models import (
+    BatchPrediction,
+    HealthStatus,
+    ModelInfo,
+    Prediction,
+    TopKResult,
+    batch_prediction,
 )
-from ._exceptions import MfserveError, translate_errors
-from ._models import BatchPrediction, HealthStatus, ModelInfo, Prediction, TopKResult
 from ._requests import IdsLike
 
+T = TypeVar("T")
 
-class RecommenderClient:
+
+class RecommenderClient(BaseClient[grpc.Channel]):
     """A blocking client for ``mfserve.v1.RecommenderService``; thread-safe, one channel.
 
     ``target`` is a gRPC target: ``host:port``, ``dns:///host:port`` (several addresses are used
@@ -44,72 +46,17 @@ class RecommenderClient:
     Methods raise :class:`~mfserve.client.MfserveError` subclasses, never ``grpc.RpcError``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = 10.0,
-        tls: TlsOption = False,
-        token: str | None = None,
-        metadata: Sequence[tuple[str, str]] | Mapping[str, str] = (),
-        retries: int | RetryPolicy = 4,
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-        max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        channel: grpc.Channel | None = None,
-    ) -> None:
-        self._settings = client_settings(
-            target,
-            timeout=timeout,
-            tls=tls,
-            token=token,
-            metadata=metadata,
-            retries=retries,
-            wait_for_ready=wait_for_ready,
-            options=options,
-            max_batch_pairs=max_batch_pairs,
-            max_batch_bytes=max_batch_bytes,
-            own_channel=channel is None,
-        )
-        settings = self._settings
-        self._owns_channel = channel is None
-        if channel is not None:
-            self._channel = channel
-        elif settings.credentials is None:
-            self._channel = grpc.insecure_channel(target, options=settings.options)
-        else:
-            self._channel = grpc.secure_channel(
-                target, settings.credentials, options=settings.options
-            )
-        self._stub: Any = pb_grpc.RecommenderServiceStub(self._channel)
-        self._health_check, self._health_watch = _protos.health_methods(self._channel)
+    def _open_channel(self, settings: ClientSettings) -> grpc.Channel:
+        if settings.credentials is None:
+            return grpc.insecure_channel(settings.target, options=settings.options)
+        return grpc.secure_channel(settings.target, settings.credentials, options=settings.options)
 
-    # ------------------------------------------------------------------ plumbing
-    @property
-    def target(self) -> str:
-        return self._settings.target
-
-    @property
-    def channel(self) -> grpc.Channel:
-        """The underlying channel, e.g. for other services on the same server."""
-        return self._channel
-
-    @property
-    def stub(self) -> Any:
-        """The generated ``RecommenderServiceStub``, for what the client does not wrap.
-
-        Raw stub calls get the channel's retry policy but no default deadline and raise plain
-        ``grpc.RpcError``.
-        """
-        return self._stub
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self._settings.timeout if timeout is None else timeout
-
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _send(self, call: Call[T]) -> T:
         with translate_errors():
-            return method(request, timeout=timeout, metadata=self._settings.metadata)
+            response = call.method(
+                call.request, timeout=call.timeout, metadata=self._settings.metadata
+            )
+        return call.result(response)
 
     def close(self) -> None:
         """Close the channel (unless it was passed in); calls in flight are cancelled."""
@@ -127,9 +74,6 @@ class RecommenderClient:
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.target!r})"
-
     # ------------------------------------------------------------------ RPCs
     def predict(
         self,
@@ -144,9 +88,7 @@ class RecommenderClient:
         Unknown ids raise :class:`NotFoundError` unless ``allow_cold_start``, which answers with a
         bias-only estimate and lists them in the result's ``missing_*_ids``.
         """
-        request = _requests.predict_request(user_id, item_id, allow_cold_start)
-        response = self._call(self._stub.Predict, request, self._timeout(timeout))
-        return _models.prediction(request.user_id, request.item_id, response)
+        return self._send(self._predict(user_id, item_id, allow_cold_start, timeout))
 
     def batch_predict(
         self,
@@ -164,19 +106,14 @@ class RecommenderClient:
         sharing one ``timeout``; their answers are joined in order. Mismatched lengths raise
         ``ValueError`` before anything is sent.
         """
-        requests = _requests.batch_requests(
+        calls = self._batch_predict(
             user_ids,
             item_ids,
             allow_cold_start=allow_cold_start,
-            max_pairs=self._settings.max_batch_pairs if batch_size is None else batch_size,
-            max_bytes=self._settings.max_batch_bytes,
+            batch_size=batch_size,
+            timeout=timeout,
         )
-        deadline = _requests.Deadline(self._timeout(timeout))
-        responses = [
-            self._call(self._stub.BatchPredict, request, deadline.remaining())
-            for request in requests
-        ]
-        return _models.batch_prediction(responses)
+        return batch_prediction([self._send(call) for call in calls])
 
     def top_k(
         self,
@@ -194,10 +131,12 @@ class RecommenderClient:
 
         ``exclude_seen`` drops the items the user rated in training; ``exclude_item_ids`` is a
         deny-list; a non-empty ``candidate_item_ids`` is an allow-list (only those are ranked).
-        ``include_metadata`` fills titles and genres. An unknown user raises
-        :class:`NotFoundError` unless ``allow_cold_start`` (popular items are returned instead).
+        ``include_metadata`` fills titles and genres. An unknown user or candidate raises
+        :class:`NotFoundError` unless ``allow_cold_start``: popular items are returned for an
+        unknown user, unknown candidates are skipped, and the result's ``missing_user_ids`` /
+        ``missing_item_ids`` list them.
         """
-        request = _requests.top_k_request(
+        call = self._top_k(
             user_id,
             k,
             exclude_seen=exclude_seen,
@@ -205,8 +144,9 @@ class RecommenderClient:
             candidate_item_ids=candidate_item_ids,
             include_metadata=include_metadata,
             allow_cold_start=allow_cold_start,
+            timeout=timeout,
         )
-        return _models.top_k_result(self._call(self._stub.TopK, request, self._timeout(timeout)))
+        return self._send(call)
 
     def similar_items(
         self,
@@ -223,22 +163,19 @@ class RecommenderClient:
         The item itself is never returned. There is no cold start: an unknown item is
         :class:`NotFoundError`.
         """
-        request = _requests.similar_items_request(
+        call = self._similar_items(
             item_id,
             k,
             exclude_item_ids=exclude_item_ids,
             candidate_item_ids=candidate_item_ids,
             include_metadata=include_metadata,
+            timeout=timeout,
         )
-        response = self._call(self._stub.SimilarItems, request, self._timeout(timeout))
-        return _models.top_k_result(response)
+        return self._send(call)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the model the server is serving."""
-        response = self._call(
-            self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout(timeout)
-        )
-        return _models.model_info(response)
+        return self._send(self._model_info(timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The server's ``grpc.health.v1`` status for ``service`` ("" = the whole server).
@@ -246,10 +183,7 @@ class RecommenderClient:
         Returns the status (``SERVING``, ``NOT_SERVING`` while no model is loaded, ...) rather than
         raising for it; a server that cannot be reached raises :class:`UnavailableError`.
         """
-        request = _protos.HealthCheckRequest(service=service)
-        return _models.health_status(
-            self._call(self._health_check, request, self._timeout(timeout))
-        )
+        return self._send(self._health(service, timeout))
 
     def wait_until_ready(self, timeout: float | None = None, *, service: str = "") -> None:
         """Block until the server is up and reports ``SERVING`` (e.g. its model is loaded).
@@ -258,18 +192,11 @@ class RecommenderClient:
         returns as soon as the server is ready instead of polling. Raises
         :class:`DeadlineExceededError` when ``timeout`` (default: the client's) passes first.
         """
-        request = _protos.HealthCheckRequest(service=service)
         with translate_errors():
-            call: Any = self._health_watch(
-                request,
-                timeout=self._timeout(timeout),
-                metadata=self._settings.metadata,
-                wait_for_ready=True,
-            )
+            call: Any = self._watch_health(service, timeout)
             try:
-                for response in call:
-                    if _models.health_status(response) is HealthStatus.SERVING:
-                        return
+                if any(is_serving(response) for response in call):
+                    return
             finally:
                 call.cancel()
-        raise MfserveError(f"the health watch of {service!r} ended before the server was SERVING")
+        raise watch_ended(service)

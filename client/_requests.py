@@ -1,4 +1,4 @@
-"""Building requests, shared by the sync and async clients so both send exactly the same bytes.
+"""Ids and batches for the requests ``_base`` builds, so both clients send exactly the same bytes.
 
 Ids may come as lists, tuples, any iterable, or array-likes (numpy arrays, pandas Series): anything
 with ``.tolist()`` is converted through it, so numpy stays optional and is never imported here, and
@@ -24,12 +24,6 @@ def ids_list(values: IdsLike, name: str) -> list[str]:
     tolist = getattr(values, "tolist", None)
     items = tolist() if callable(tolist) else values
     return [v if isinstance(v, str) else str(v) for v in items]
-
-
-def predict_request(user_id: object, item_id: object, allow_cold_start: bool) -> Any:
-    return pb.PredictRequest(
-        user_id=str(user_id), item_id=str(item_id), allow_cold_start=allow_cold_start
-    )
 
 
 def _id_bytes(value: str) -> int:
@@ -77,44 +71,6 @@ def batch_requests(
         )
         for start, stop in itertools.pairwise(bounds)
     ]
-
-
-def top_k_request(
-    user_id: object,
-    k: int,
-    *,
-    exclude_seen: bool,
-    exclude_item_ids: IdsLike,
-    candidate_item_ids: IdsLike,
-    include_metadata: bool,
-    allow_cold_start: bool,
-) -> Any:
-    return pb.TopKRequest(
-        user_id=str(user_id),
-        k=k,
-        exclude_seen=exclude_seen,
-        exclude_item_ids=ids_list(exclude_item_ids, "exclude_item_ids"),
-        candidate_item_ids=ids_list(candidate_item_ids, "candidate_item_ids"),
-        include_metadata=include_metadata,
-        allow_cold_start=allow_cold_start,
-    )
-
-
-def similar_items_request(
-    item_id: object,
-    k: int,
-    *,
-    exclude_item_ids: IdsLike,
-    candidate_item_ids: IdsLike,
-    include_metadata: bool,
-) -> Any:
-    return pb.SimilarItemsRequest(
-        item_id=str(item_id),
-        k=k,
-        exclude_item_ids=ids_list(exclude_item_ids, "exclude_item_ids"),
-        candidate_item_ids=ids_list(candidate_item_ids, "candidate_item_ids"),
-        include_metadata=include_metadata,
-    )
 
 
 class Deadline:
