@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = torch.tensor(users.tolist())
         exact = recommender.top_k_lists(rows, 10, [UNSEEN] * len(rows))
         for ef in [int(v) for v in args.ef.split(",")]:
-            answers = index.top_k_lists(recommender, rows, 10, [UNSEEN] * len(rows), ef_search=ef)
+            answers = index.top_k_lists(
+                recommender.exact, rows, 10, [UNSEEN] * len(rows), ef_search=ef
+            )
             hits = sum(len(set(a[0]) & set(e[0])) for a, e in zip(answers, exact, strict=True))
 
             def lone_query(i: int, r: torch.Tensor = rows, e: int = ef) -> object:
-                return index.top_k_lists(recommender, r[i : i + 1], 10, [UNSEEN], ef_search=e)
+                return index.top_k_lists(recommender.exact, r[i : i + 1], 10, [UNSEEN], ef_search=e)
 
             lone = p50_us(lone_query, len(rows), args.rounds)
             print(f"| {name} | {int(np.median(seen[users]))} | {ef} | "
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         for ef in [int(v) for v in args.ef.split(",")]:
 
             def batch_query(i: int, b: list[torch.Tensor] = batches, e: int = ef) -> object:
-                return index.top_k_lists(recommender, b[i], 10, [UNSEEN] * len(b[i]), ef_search=e)
+                return index.top_k_lists(
+                    recommender.exact, b[i], 10, [UNSEEN] * len(b[i]), ef_search=e
+                )
 
             took = p50_us(batch_query, len(batches), args.rounds)
             print(f"| {label} | {ef} | {took:.0f} us |")

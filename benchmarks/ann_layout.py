@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args(argv)
 
-    from mfserve.training.ann import faiss_module
     from mfserve.training.ann_store import load_index
     from mfserve.training.artifact import load_artifact, resolve_version
+    from mfserve.training.scoring.ann import faiss_module
 
     faiss = faiss_module()
     faiss.omp_set_num_threads(1)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"renumbered {item_order.ntotal:,} nodes in {time.perf_counter() - started:.1f} s")
 
     users = np.random.default_rng(0).integers(0, artifact.n_users, opts.queries)
-    queries = index.tables.user_query.numpy()[users].astype(np.float32)
+    queries = index.tables.queries[users].astype(np.float32)
     if index.augmented:
         queries = np.hstack([queries, np.ones((len(users), 1), dtype=np.float32)])
     params = faiss.SearchParametersHNSW(efSearch=opts.ef)

@@ -43,11 +43,12 @@ from typing import Any
 import torch
 
 from mfserve.server.idle_poll import IdlePoll
-from mfserve.training.ann import AnnIndex, ranking_tables
 from mfserve.training.ann_build import build_index, measure_recall
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, resolve_version
 from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.scoring import ranking_tables
+from mfserve.training.scoring.ann import AnnIndex
 
 
 def rss_mb() -> float:
@@ -91,7 +92,7 @@ def ann_rows(
 
     knob = "ef_search" if index.kind == "hnsw" else "nprobe"
     values = args.ef if index.kind == "hnsw" else args.nprobe
-    queries = ranking_tables(rec.artifact).user_query
+    queries = torch.from_numpy(ranking_tables(rec.artifact).queries)
     rows = []
     for value in values:
         params = {knob: value}
@@ -107,7 +108,9 @@ def ann_rows(
             ),
             args.batches,
         )
-        served = timed(lambda i, p=params: index.top_k(rec, users[i : i + 1], 10, **p), args.lone)
+        served = timed(
+            lambda i, p=params: index.top_k(rec.exact, users[i : i + 1], 10, **p), args.lone
+        )
         rows.append(
             f"| {index.kind} {knob}={value} | {recall:.4f} | {ms(lone)} ms | {ms(served)} ms | "
             f"{ms(batched, args.batch)} ms |"

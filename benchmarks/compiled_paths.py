@@ -4,8 +4,8 @@ BatchPredict: each step the server takes for one call, timed on its own over the
 request: the protobuf path (parse, ids to lists, one dict lookup per id, torch's predict) against
 the compiled path (``batch_decode`` straight from the bytes, then ``pair_kernel``).
 TopK: the usual exact query (known users, seen items excluded, k=10), alone and in batches of 3,
-8 and 64, through torch (``Recommender.top_one_lists`` / ``top_k_known_lists``) and through
-``rank_kernel``'s two scans (full and pruned), each kernel timed alternately with torch; and how
+8 and 64, through torch (``ExactRanker.top_k``) and through the compiled kernel's two scans (full
+and pruned), each kernel timed alternately with torch; and how
 much of the catalogue the pruned scan visits.
 
 Medians of ``--repeat`` runs, one thread, hot caches, so a loaded server's figures are higher
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from mfserve.server.batch_decode import batch_decoder
-from mfserve.server.pair_kernel import pair_kernel
-from mfserve.server.rank_kernel import RankKernel, rank_kernel
 from mfserve.training.artifact import load_artifact, resolve_version
 from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.scoring.compiled import RankKernel, rank_kernel
+from mfserve.training.scoring.ratings import pair_kernel
 from mfserve.v1 import recommender_pb2 as pb
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = Recommender(load_artifact(resolve_version(args.model)))
     decoder = batch_decoder(model.user_index, model.item_index)
-    kernel = pair_kernel(model)
+    kernel = pair_kernel(model.artifact)
     if decoder is None or kernel is None:
         raise SystemExit("numba is not installed: only the protobuf path exists")
     rng = random.Random(0)
@@ -118,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def top_k_table(model: Recommender, repeat: int) -> None:
-    kernel = rank_kernel(model)
+    tables = model.ranking_tables()
+    kernel = rank_kernel(tables, chunk_size=model.chunk_size)
     if kernel is None:
         print("\nTopK: no rank kernel for this model (a catalogue past one scoring chunk)")
         return
-    full = RankKernel.build(model, pruned=False)
-    pruned = RankKernel.build(model, pruned=True)
+    full = RankKernel.from_tables(tables, pruned=False)
+    pruned = RankKernel.from_tables(tables, pruned=True)
     everyone = list(range(model.n_users))
     _, scanned = pruned.top_k_scanned(everyone, 10, [True] * len(everyone))
     share = statistics.mean(scanned) / model.n_items
@@ -139,11 +140,7 @@ def top_k_table(model: Recommender, repeat: int) -> None:
     step = max(1, model.n_users // 64)
     for size in (1, 3, 8, 64):
         batch, seen = everyone[::step][:size], [True] * size
-        torch_step = (
-            functools.partial(model.top_one_lists, batch[0], 10, RankRequest())
-            if size == 1
-            else functools.partial(model.top_k_known_lists, batch, 10, seen)
-        )
+        torch_step = functools.partial(model.exact.top_k, batch, 10, [RankRequest()] * size)
         times = paired_median_us(
             torch_step, functools.partial(full.top_k, batch, 10, seen), repeat
         ) + paired_median_us(torch_step, functools.partial(pruned.top_k, batch, 10, seen), repeat)

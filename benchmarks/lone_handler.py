@@ -44,7 +44,7 @@ def _instrumented_serve(argv: list[str]) -> int:
     """``mfserve serve`` with the timers in place (this is the server subprocess)."""
     from mfserve.server import service
     from mfserve.server.__main__ import main
-    from mfserve.training import ann
+    from mfserve.training.scoring import ann
 
     handler = service.RecommenderService.TopK
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfserve.server.jit import HAVE_NUMBA, compiled
+from mfserve.training.scoring.jit import HAVE_NUMBA, compiled
 
 log = logging.getLogger("mfserve.server")
 

@@ -67,7 +67,7 @@ TimedOutcome = tuple[Outcome, tuple[float, float, float, float]]
 # costs at most this: item scores for top-k and similar items (a TopK on a 10,000-item catalogue
 # is ~10,000: ~0.15 ms), pairs for predict (1,000 pairs: ~0.05 ms). Anything bigger, e.g. one exact
 # query against a million items or a 100,000-pair BatchPredict, goes to the executor. An
-# approximate TopK costs what its index visits (ServingIndex.query_cost: ~2,000 distances for HNSW
+# approximate TopK costs what its index visits (``Ranker.visits``: ~2,000 distances for HNSW
 # at ef_search 64, ~0.2 ms on a 1M-item catalogue, whatever the catalogue size; up to 16 times
 # that for a heavy user, whose walk is widened by the items it leaves out).
 INLINE_RANK_SCORES = 65_536

@@ -1,9 +1,9 @@
 """The one swappable reference to the model being served.
 
-What is swapped is a ``ServingModel``: the ``Recommender`` plus, with ``--ann``, the approximate
-index stored beside that version (``mfserve.training.ann``). The two are loaded together and
-published by one attribute assignment, so a hot reload can never pair a new model with an old
-index (or the reverse).
+What is swapped is a ``ServingModel``: the ``Recommender`` and the ranker chosen for it when it was
+loaded (``mfserve.training.scoring``: with ``--ann``, the approximate index stored beside that
+version). The two are loaded together and published by one attribute assignment, so a hot reload
+can never pair a new model with an old index (or the reverse).
 
 Every RPC reads :attr:`ModelHolder.serving` (or :attr:`ModelHolder.current`, its ``Recommender``)
 exactly once and answers entirely from that object, so a call is answered by one model version
@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -33,69 +33,33 @@ import numpy as np
 import torch
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
-from mfserve.server.pair_kernel import PairKernel, pair_kernel
-from mfserve.server.rank_kernel import RankKernel, rank_kernel
-from mfserve.training.ann import KINDS, AnnError, AnnIndex
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
-from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.recommender import Recommender
+from mfserve.training.scoring import ApproximateRanker, Ranker, choose_ranker
+from mfserve.training.scoring.ann import KINDS, AnnError
+from mfserve.training.scoring.approximate import SEARCH_PARAM
+from mfserve.training.scoring.ratings import PairKernel, pair_kernel
 
 ANN_MODES = ("none", "auto", *KINDS)
-# Per-call search parameter of each index kind (the others are build parameters).
-SEARCH_PARAM = {"hnsw": "ef_search", "ivf": "nprobe"}
-
-
-@dataclass(frozen=True, eq=False)
-class ServingIndex:
-    """An approximate index as served: the index, its per-call search parameter, and the cost of
-    one query in item scores (what the batcher's "cheap enough for the loop" rule compares)."""
-
-    index: AnnIndex
-    search: dict[str, int] = field(default_factory=dict)  # {"ef_search": N} or {"nprobe": N}
-    cost: int = 0
-
-    @property
-    def kind(self) -> str:
-        return str(self.index.kind)
-
-    def query_cost(self, recommender: Recommender, row: int, request: RankRequest) -> int:
-        """``cost`` for one known user's query: more for a heavy user, whose HNSW walk is widened
-        by the rows it leaves out (``AnnIndex.walk_width``), so that a long walk is not taken for
-        a cheap one when the batcher decides what to compute on the event loop."""
-        ef = self.search.get("ef_search")
-        if not ef:
-            return self.cost
-        excluded = 0 if request.exclude is None else int(request.exclude.numel())
-        if request.exclude_seen:
-            excluded += recommender.seen_count(row)
-        return self.cost * (self.index.walk_width(ef, 0, excluded) or ef) // ef
-
-    def top_k_lists(
-        self,
-        recommender: Recommender,
-        users: torch.Tensor | Sequence[int],
-        k: int,
-        requests: Sequence[RankRequest],
-    ) -> list[tuple[list[int], list[float]]]:
-        """``AnnIndex.top_k_lists``: unknown users and allow-lists exact, the rest by the index."""
-        ranked: list[tuple[list[int], list[float]]] = self.index.top_k_lists(
-            recommender, users, k, requests, **self.search
-        )
-        return ranked
 
 
 @dataclass(frozen=True, eq=False)
 class ServingModel:
-    """What the holder swaps: a model and the approximate index loaded with it (or None)."""
+    """What the holder swaps: a model and the ranker chosen for it when it was loaded."""
 
     recommender: Recommender
-    ann: ServingIndex | None = None
+    # TopK's one path (mfserve.training.scoring): approximate with an index, else the model's own.
+    ranker: Ranker
     # Compiled fast paths (None without numba): BatchPredict's id lookup from the request's
     # bytes, and the rating kernel behind Predict and BatchPredict.
     batch_decoder: BatchDecoder | None = None
     pair_kernel: PairKernel | None = None
-    # The usual exact TopK (known users, no lists, one-chunk catalogue) in compiled code.
-    rank_kernel: RankKernel | None = None
+
+    @property
+    def ann(self) -> ApproximateRanker | None:
+        """The approximate index serving TopK, if one does."""
+        return self.ranker if isinstance(self.ranker, ApproximateRanker) else None
 
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Ratings (float32) for row pairs (-1 = unknown): the compiled kernel, or torch."""
@@ -108,15 +72,14 @@ class ServingModel:
         return ratings
 
 
-def serving_model(recommender: Recommender, ann: ServingIndex | None = None) -> ServingModel:
-    """``recommender`` ready to serve, with ``ann`` and its compiled fast paths, all built now so
+def serving_model(recommender: Recommender, ann: ApproximateRanker | None = None) -> ServingModel:
+    """``recommender`` ready to serve, with its ranker and compiled fast paths all built now, so
     that a hot reload publishes a model whose first call pays for nothing."""
     decoder = batch_decoder(recommender.user_index, recommender.item_index)
     # With an approximate index the index answers known users: no exact kernel to build.
-    ranker = rank_kernel(recommender) if ann is None else None
-    if ranker is not None:
-        log.info("mfserve: TopK kernel for %s: %s", describe(recommender), ranker.describe())
-    return ServingModel(recommender, ann, decoder, pair_kernel(recommender), ranker)
+    ranker = choose_ranker(recommender.exact, index=ann) if ann else recommender.ranker
+    log.info("mfserve: TopK for %s: %s", describe(recommender), ranker.describe())
+    return ServingModel(recommender, ranker, decoder, pair_kernel(recommender.artifact))
 
 
 # What create_server and ModelHolder.set accept as "a model".
@@ -145,8 +108,8 @@ def to_recommender(model: ModelSource) -> Recommender | None:
 
 def serving_index(
     recommender: Recommender, ann: str = "none", search: Mapping[str, int] | None = None
-) -> ServingIndex | None:
-    """The approximate index to serve beside ``recommender`` under mode ``ann`` (module doc).
+) -> ApproximateRanker | None:
+    """The approximate ranker to serve beside ``recommender`` under mode ``ann`` (module doc).
 
     ``search``: overrides of the stored search parameters (``ef_search``, ``nprobe``); the one
     that fits the index kind is used. Raises ``AnnError`` when the mode needs an index that is
@@ -173,27 +136,9 @@ def serving_index(
             f"--ann {ann}: no {ann} index beside {folder} (ann-{ann}.json); build one with "
             f"`mfserve index --model {folder} --kind {ann}`, or serve with --ann auto or none"
         )
-    knob = SEARCH_PARAM[index.kind]
-    value = int((search or {}).get(knob) or index.params[knob])
-    if index.kind == "hnsw":
-        # Distances an HNSW search computes: about ef_search candidates x 2M neighbours each.
-        cost = value * 2 * index.params.get("m", 16)
-    else:
-        # nprobe inverted lists of about n_items / nlist vectors each.
-        cost = value * -(-index.n_items // max(1, index.params.get("nlist", 1)))
-    # The layout says whether the graph was renumbered for locality (older indexes were not:
-    # rebuilding one with `mfserve index` makes its lone searches ~1.5x faster).
-    log.info(
-        "mfserve: approximate TopK: %s index %s, layout %s, serving %s=%d, built in %.0fs, from %s",
-        index.kind,
-        " ".join(f"{k}={v}" for k, v in index.params.items()),
-        index.extra.get("layout", "item order"),
-        knob,
-        value,
-        index.build_seconds,
-        folder,
-    )
-    return ServingIndex(index, {knob: value}, cost)
+    # The log names the layout: an index built before graphs were renumbered for locality is
+    # "item order", and rebuilding it with `mfserve index` makes its lone searches ~1.5x faster.
+    return ApproximateRanker(index, recommender.exact, (search or {}).get(SEARCH_PARAM[index.kind]))
 
 
 def describe(model: Recommender | ServingModel | None) -> str:
@@ -209,7 +154,7 @@ class ModelHolder:
     """Holds the current ``ServingModel`` (``None`` while none is loaded); swaps it atomically.
 
     ``ann`` / ``ann_search``: how each model loaded or set here gets its approximate index (see
-    :func:`serving_index`); a ``ServingModel`` passed in keeps the index it comes with.
+    :func:`serving_index`); a ``ServingModel`` passed in keeps the ranker it comes with.
     """
 
     def __init__(

@@ -32,18 +32,14 @@ from google.protobuf.message import DecodeError, Message
 
 from mfserve.server.batch_compute import (
     PredictPayload,
-    RankedRow,
     RankPayload,
     predict_batch,
-    predict_cost,
-    predict_rows,
-    rank_cost,
     similar_batch,
     top_k_batch,
-    top_k_cost,
 )
 from mfserve.server.batching import INLINE_PREDICT_PAIRS, INLINE_RANK_SCORES, Batcher
 from mfserve.server.config import DEFAULT_MAX_BATCH_SIZE
+from mfserve.server.costs import predict_cost, predict_rows, similar_cost, top_k_cost
 from mfserve.server.errors import (
     ServiceError,
     abort,
@@ -63,7 +59,8 @@ from mfserve.server.validation import (
     unknown_ids,
 )
 from mfserve.server.wire import packed_floats
-from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.recommender import Recommender
+from mfserve.training.scoring import RankedRow, RankRequest
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -154,7 +151,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             "top_k", top_k_batch, cost=top_k_cost, **rank_options
         )
         self.similar_batcher: Batcher[RankPayload, RankedRow] = Batcher(
-            "similar_items", similar_batch, cost=rank_cost, **rank_options
+            "similar_items", similar_batch, cost=similar_cost, **rank_options
         )
 
     def _in_flight(self) -> int:
@@ -183,7 +180,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         return future
 
     def _similar_rows(
-        self, model: Recommender, item: int, k: int, rank: RankRequest
+        self, model: ServingModel, item: int, k: int, rank: RankRequest
     ) -> Awaitable[RankedRow]:
         """The ``k`` items nearest to one item row."""
         future: Awaitable[RankedRow] = self.similar_batcher.submit(model, (item, k, rank))
@@ -232,16 +229,12 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         )
 
     @_rpc
-    async def BatchPredict(self, request: pb.BatchPredictRequest) -> pb.BatchPredictResponse:  # noqa: N802 (gRPC name)
-        return await self._batch_predict(self._serving(), request)
-
-    @_rpc
     async def batch_predict_bytes(self, raw: bytes) -> bytes | pb.BatchPredictResponse:
-        """BatchPredict from the request's serialized bytes (how the server registers it).
+        """BatchPredict, from the request's serialized bytes (the only way it is registered).
 
         A request whose ids are all known is decoded in compiled code (``batch_decode``) and
         answered with the response's bytes; any other request is parsed by protobuf and answered
-        by :meth:`BatchPredict`'s path, so every error is that path's error.
+        by :meth:`_batch_predict`, so every error is that path's error.
         """
         serving = self._serving()
         model = serving.recommender
@@ -343,7 +336,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     async def SimilarItems(self, request: pb.SimilarItemsRequest) -> pb.SimilarItemsResponse:  # noqa: N802 (gRPC name)
         item = require_id("item_id", request.item_id)
         k = self._ranking_options(request)
-        model = self._model()
+        serving = self._serving()
+        model = serving.recommender
 
         row = model.item_row(item)
         missing_item = [item] if row < 0 else []
@@ -361,7 +355,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             exclude=_known(model.item_rows(request.exclude_item_ids)),
             candidates=candidates,
         )
-        rows_out, scores = await self._similar_rows(model, row, k, rank)
+        rows_out, scores = await self._similar_rows(serving, row, k, rank)
         response = pb.SimilarItemsResponse(model_version=model.artifact.version)
         add_scored(response.items, model, rows_out, scores, request.include_metadata)
         return response

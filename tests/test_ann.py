@@ -13,16 +13,12 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mfserve.training.ann import (
-    MAX_WIDENED_EF,
-    SHARED_EXCLUSIONS,
-    AnnError,
-    ranking_tables,
-)
 from mfserve.training.ann_build import build_index, measure_recall
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.scoring import ranking_tables
+from mfserve.training.scoring.ann import MAX_WIDENED_EF, SHARED_EXCLUSIONS, AnnError
 from mfserve.training.synthetic import synthetic_artifact
 
 N_ITEMS = 5_000
@@ -61,7 +57,7 @@ def test_round_trip_and_recall(
     assert len(meta["index_sha256"]) == 64 and meta["build_seconds"] >= 0
     loaded = load_index(folder, artifact)
     assert loaded is not None and loaded.kind == kind and loaded.params == index.params
-    queries = ranking_tables(artifact).user_query[:5]
+    queries = torch.from_numpy(ranking_tables(artifact).queries[:5])
     before, after = index.search(queries, 10), loaded.search(queries, 10)
     assert torch.equal(before[1], after[1])
     assert measure_recall(recommender, loaded, 200, k=10) >= 0.9
@@ -97,10 +93,10 @@ def test_seen_items_and_deny_list_are_excluded(recommender: Recommender) -> None
     index = build_index(recommender.artifact, "hnsw", m=16, ef_search=256)
     users = torch.arange(20)
     plain = [RankRequest(exclude_seen=False)] * 20
-    unfiltered = index.top_k(recommender, users, 30, plain)
+    unfiltered = index.top_k(recommender.exact, users, 30, plain)
     # Deny the user's current best 10 and exclude seen items: none may come back, and k still do.
     requests = [RankRequest(exclude_seen=True, exclude=rows[:10]) for rows, _ in unfiltered]
-    answers = index.top_k(recommender, users, 10, requests)
+    answers = index.top_k(recommender.exact, users, 10, requests)
     for user, request, (rows, _scores) in zip(users.tolist(), requests, answers, strict=True):
         assert rows.numel() == 10
         assert not torch.isin(rows, recommender.seen_items(user)).any()
@@ -136,10 +132,10 @@ def test_exclusions_are_faiss_filtered_search_alone_or_batched(
         RankRequest(exclude_seen=True, exclude=many),
     ]
     k = 7
-    lists = index.top_k_lists(recommender, users, k, requests)
-    tensors = index.top_k(recommender, users, k, requests)
+    lists = index.top_k_lists(recommender.exact, users, k, requests)
+    tensors = index.top_k(recommender.exact, users, k, requests)
     assert [(rows.tolist(), scores.tolist()) for rows, scores in tensors] == lists
-    queries = ranking_tables(recommender.artifact).user_query
+    queries = torch.from_numpy(ranking_tables(recommender.artifact).queries)
     for b in (0, 1, 2, 5, 6):
         request = requests[b]
         skip = (recommender.seen_items(int(users[b])).tolist() if request.exclude_seen else []) + (
@@ -161,7 +157,7 @@ def test_exclusions_are_faiss_filtered_search_alone_or_batched(
         kept = [(row, score) for row, score in found if row >= 0]
         assert kept and not {row for row, _ in kept} & set(skip)
         assert lists[b] == ([row for row, _ in kept], [score for _, score in kept])
-        assert index.top_k_lists(recommender, users[b : b + 1], k, [request]) == [lists[b]]
+        assert index.top_k_lists(recommender.exact, users[b : b + 1], k, [request]) == [lists[b]]
     for b in (3, 4):
         [(rows, scores)] = recommender.top_k(users[b : b + 1], k, [requests[b]])
         assert lists[b] == (rows.tolist(), scores.tolist())
@@ -194,7 +190,7 @@ def test_a_heavy_user_is_searched_alone_for_k_rows(recommender: Recommender) -> 
     index.index = recorder
     heavy = RankRequest(exclude_seen=False, exclude=torch.arange(100, 5_000))
     answers = index.top_k_lists(
-        recommender, torch.tensor([0, 1]), 10, [heavy, RankRequest(exclude_seen=True)]
+        recommender.exact, torch.tensor([0, 1]), 10, [heavy, RankRequest(exclude_seen=True)]
     )
     seen = recommender.seen_items(1).numel()
     assert 0 < seen < 64 - 10
@@ -211,7 +207,7 @@ def test_unknown_users_and_allow_lists_fall_back_to_exact(recommender: Recommend
     users = torch.tensor([-1, 3])
     requests = [RankRequest(), RankRequest(candidates=torch.tensor([5, 6, 7, 3]))]
     for (rows, scores), (exact_rows, exact_scores) in zip(
-        index.top_k(recommender, users, 2, requests),
+        index.top_k(recommender.exact, users, 2, requests),
         recommender.top_k(users, 2, requests),
         strict=True,
     ):
@@ -231,7 +227,9 @@ def test_bias_is_folded_into_the_inner_product(tmp_path: Path) -> None:
     users = torch.arange(10)
     plain = [RankRequest(exclude_seen=False)] * 10
     for (rows, scores), (exact_rows, exact_scores) in zip(
-        index.top_k(recommender, users, 5, plain), recommender.top_k(users, 5, plain), strict=True
+        index.top_k(recommender.exact, users, 5, plain),
+        recommender.top_k(users, 5, plain),
+        strict=True,
     ):
         assert torch.equal(rows, exact_rows)
         assert torch.allclose(scores, exact_scores, atol=1e-4)
@@ -246,7 +244,7 @@ def test_rating_head_ranking_matches_recommender(tmp_path: Path) -> None:
     index = build_index(recommender.artifact, "hnsw", m=16, ef_search=400)
     users = torch.arange(10)
     for (rows, scores), (exact_rows, exact_scores) in zip(
-        index.top_k(recommender, users, 5), recommender.top_k(users, 5), strict=True
+        index.top_k(recommender.exact, users, 5), recommender.top_k(users, 5), strict=True
     ):
         assert torch.equal(rows, exact_rows)
         assert torch.allclose(scores, exact_scores, atol=1e-4)
@@ -261,7 +259,7 @@ def test_bad_kind_and_params(recommender: Recommender) -> None:
 
 def test_search_pads_short_answers(recommender: Recommender) -> None:
     index = build_index(recommender.artifact, "hnsw", m=8)
-    queries = ranking_tables(recommender.artifact).user_query[:2]
+    queries = torch.from_numpy(ranking_tables(recommender.artifact).queries[:2])
     everything = torch.arange(N_ITEMS - 3)
     scores, rows = index.search(queries, 5, exclude=[everything, None])
     assert rows.shape == (2, 5)

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mfserve.training.ann import faiss_module
+from mfserve.training.scoring.ann import faiss_module
 from mfserve.training.ann_build import build_index
 from mfserve.training.ann_layout import breadth_first_order, locality_ordered
 from mfserve.training.ann_store import load_index
@@ -50,7 +50,7 @@ def _answers(index: object, recommender: Recommender) -> list[tuple[list[int], l
     users = list(range(N_USERS))
     answers: list[tuple[list[int], list[float]]] = []
     for request in (RankRequest(exclude_seen=True), heavy):
-        answers += index.top_k_lists(recommender, users, 10, [request] * N_USERS)  # type: ignore[attr-defined]
+        answers += index.top_k_lists(recommender.exact, users, 10, [request] * N_USERS)  # type: ignore[attr-defined]
     return answers
 
 

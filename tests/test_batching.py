@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from server_harness import ServerThread, make_model_dir, running_server_handle, wait_for
@@ -387,8 +388,8 @@ def test_submit_answers_a_lone_cheap_call_at_once() -> None:
 
 @pytest.mark.parametrize("exclude_seen", [True, False])
 def test_lone_top_k_matches_the_batched_path(synthetic_model: Any, exclude_seen: bool) -> None:
-    # A lone row takes a shortcut unless the catalogue spans several chunks: same answers.
-    lone = Recommender(synthetic_model)
+    # A lone row takes torch's shortcut unless the catalogue spans several chunks: same answers.
+    lone = Recommender(synthetic_model, compiled=False)
     chunked = Recommender(synthetic_model, chunk_size=synthetic_model.n_items // 3)
     request = RankRequest(exclude_seen=exclude_seen)
     for user in range(0, lone.n_users, 7):
@@ -404,21 +405,20 @@ def test_lone_top_k_matches_the_batched_path(synthetic_model: Any, exclude_seen:
 
 
 def test_lone_top_k_lists_match_the_batched_path(synthetic_model: Any) -> None:
-    # The server's lone TopK goes straight to lists; a k past the catalogue makes the seen items
+    # A lone TopK skips the batch bookkeeping; a k past the catalogue makes the seen items
     # (scored -inf) fall off the end, as the batched path drops them.
-    rec = Recommender(synthetic_model)
+    exact = Recommender(synthetic_model).exact
     request = RankRequest()
-    for k in (5, rec.n_items + 10):
-        for user in range(0, rec.n_users, 11):
-            lone = rec.top_one_lists(user, k, request)
-            assert lone is not None
-            [(items, scores)] = rec.top_k_lists(torch.tensor([user, 0]), k, [request, request])[:1]
+    for k in (5, exact.n_items + 10):
+        for user in range(0, synthetic_model.n_users, 11):
+            [lone] = exact.top_k([user], k, [request])
+            [(items, scores)] = exact.top_k([user, 0], k, [request, request])[:1]
             assert lone[0] == items
             assert lone[1] == pytest.approx(scores, abs=TOL)
-            assert len(items) == min(k, rec.n_items - len(rec.seen_items(user)))
+            assert len(items) == min(k, exact.n_items - exact.tables.seen_count(user))
     # Rows the shortcut does not cover: an unknown user, an allow-list.
-    assert rec.top_one_lists(-1, 5, request) is None
-    assert rec.top_one_lists(0, 5, RankRequest(candidates=torch.tensor([1, 2]))) is None
+    assert exact._top_one(-1, 5, request) is None
+    assert exact._top_one(0, 5, RankRequest(candidates=torch.tensor([1, 2]))) is None
 
 
 # ------------------------------------------------------------------ torch threads per thread
@@ -433,15 +433,13 @@ def test_the_compute_thread_keeps_the_process_torch_threads(model_dir: Path) -> 
 
 
 def test_known_users_batch_path_matches_the_general_path(synthetic_model: Any) -> None:
-    # The server's usual batch (known users, no lists) takes a short path: the same answers.
-    rec = Recommender(synthetic_model)
-    users = list(range(0, rec.n_users, 3))
-    flags = [u % 2 == 0 for u in users]
-    for k in (7, rec.n_items + 5):  # the second leaves seen items (-inf) to drop
-        known = rec.top_k_known_lists(users, k, flags)
-        general = rec.top_k_lists(
-            torch.tensor(users), k, [RankRequest(exclude_seen=f) for f in flags]
-        )
-        assert known == general
-    chunked = Recommender(synthetic_model, chunk_size=synthetic_model.n_items // 3)
-    assert chunked.top_k_known_lists(users, 5, flags) is None
+    # The usual batch (known users, no lists) takes a short path: the same answers bit for bit.
+    exact = Recommender(synthetic_model).exact
+    users = np.arange(0, synthetic_model.n_users, 3)
+    requests = [RankRequest(exclude_seen=bool(u % 2 == 0)) for u in users]
+    for k in (7, exact.n_items + 5):  # the second leaves seen items (-inf) to drop
+        known = exact._top_k_known(users, k, requests)
+        assert known == exact._top_k(users, k, requests).lists()
+        assert exact.top_k(users.tolist(), k, requests) == known
+    chunked = Recommender(synthetic_model, chunk_size=synthetic_model.n_items // 3).exact
+    assert chunked._top_k_known(users, 5, requests) is None

@@ -22,7 +22,8 @@ pytest.importorskip("faiss")
 from server_harness import running_server, running_server_handle, serve_command
 
 from mfserve.server.app import ServerConfig, create_server
-from mfserve.training.ann import AnnError, ranking_tables
+from mfserve.training.scoring import ranking_tables
+from mfserve.training.scoring.ann import AnnError
 from mfserve.training.ann_build import build_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
@@ -135,9 +136,11 @@ def test_scores_are_the_exact_scores_of_the_items_returned(stub: Any, rec: Recom
     response = stub.TopK(pb.TopKRequest(user_id="u3", k=10, exclude_seen=False), timeout=30)
     rows = torch.from_numpy(rec.item_rows(ids(response)))
     tables = ranking_tables(rec.artifact)
-    want = tables.item_keys[rows] @ tables.user_query[3] + tables.user_offset[3]
-    if tables.item_bias is not None:
-        want += tables.item_bias[rows]
+    want = torch.from_numpy(tables.keys)[rows] @ torch.from_numpy(tables.queries[3])
+    if tables.user_offset is not None:
+        want += float(tables.user_offset[3])
+    if tables.key_bias is not None:
+        want += torch.from_numpy(tables.key_bias)[rows]
     assert scores(response) == pytest.approx(want.tolist(), abs=TOL)
     assert scores(response) == sorted(scores(response), reverse=True)
 
@@ -216,7 +219,9 @@ def test_a_heavy_users_widened_walk_is_costed_as_such(handle: Any, stub: Any) ->
     batcher = handle.server.service.top_k_batcher
     ann = handle.server.holder.serving.ann
     saved = batcher.inline_limit
-    batcher.inline_limit = 4 * ann.cost
+    lone = ann.visits(1, RankRequest(exclude_seen=False))
+    assert ann.visits(1, RankRequest(exclude_seen=False, exclude=torch.arange(1_000))) == 16 * lone
+    batcher.inline_limit = 4 * lone
     try:
         before = batcher.stats.inline
         heavy = pb.TopKRequest(user_id="u1", k=10, exclude_item_ids=[f"i{n}" for n in range(1_000)])
@@ -344,7 +349,7 @@ def test_workers_share_the_index_loaded_by_the_parent(indexed: Path) -> None:
                 break
         log = "".join(lines)
         # One index load, in the parent, before the fork.
-        assert log.count("approximate TopK: hnsw index") == 1, log
+        assert log.count(": approximate hnsw index") == 1, log
         assert "layout breadth-first" in log  # built now: renumbered for locality
         port = int(log.split("workers ready on ")[1].split()[0].rsplit(":", 1)[1])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

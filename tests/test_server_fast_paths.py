@@ -13,7 +13,7 @@ import pytest
 from server_harness import make_model_dir, running_server_handle
 
 from mfserve.server.batching import Batcher
-from mfserve.server.jit import HAVE_NUMBA
+from mfserve.training.scoring.jit import HAVE_NUMBA
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 

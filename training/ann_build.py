@@ -1,6 +1,7 @@
 """Building an approximate index over a version's ranking head, and measuring its recall.
 
-The index itself (search, exclusions, the server's path) is :mod:`mfserve.training.ann`; storing it
+The index itself (search, exclusions, the server's path) is :mod:`mfserve.training.scoring.ann`;
+storing it
 beside a version is :mod:`mfserve.training.ann_store`; the HNSW graph's memory layout is
 :mod:`mfserve.training.ann_layout`.
 """
@@ -13,29 +14,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mfserve.training.ann import (
+from mfserve.training.ann_layout import locality_ordered
+from mfserve.training.artifact import ModelArtifact
+from mfserve.training.scoring.ann import (
     DEFAULT_PARAMS,
     KINDS,
     AnnError,
     AnnIndex,
-    RankingTables,
     faiss_module,
     model_sha256,
-    ranking_tables,
 )
-from mfserve.training.ann_layout import locality_ordered
-from mfserve.training.artifact import ModelArtifact
-from mfserve.training.recommender import RankRequest
+from mfserve.training.scoring.types import RankingTables, RankRequest, ranking_tables
 
 if TYPE_CHECKING:
     from mfserve.training.recommender import Recommender
 
 
 def _augmented_keys(tables: RankingTables) -> np.ndarray:
-    keys = tables.item_keys.to(torch.float32)
-    if tables.item_bias is not None:
-        keys = torch.cat([keys, tables.item_bias.to(torch.float32).unsqueeze(1)], dim=1)
-    return np.ascontiguousarray(keys.numpy())
+    keys = tables.keys.astype(np.float32)
+    if tables.key_bias is not None:
+        keys = np.concatenate([keys, tables.key_bias.astype(np.float32)[:, None]], axis=1)
+    return np.ascontiguousarray(keys)
 
 
 def build_index(
@@ -97,13 +96,13 @@ def measure_recall(
     exclude_seen: bool = False,
     **search_params: int,
 ) -> float:
-    """Mean recall@k of the index against ``Recommender.top_k``'s exact chunked scoring."""
+    """Mean recall@k of the index against the exact torch ranking."""
     generator = torch.Generator().manual_seed(seed)
     n_queries = min(n_queries, recommender.n_users)
     users = torch.randperm(recommender.n_users, generator=generator)[:n_queries]
     requests = [RankRequest(exclude_seen=exclude_seen)] * n_queries
-    exact = recommender.top_k(users, k, requests)
-    approx = index.top_k(recommender, users, k, requests, **search_params)
+    exact = recommender.exact.top_k_tensors(users.tolist(), k, requests)
+    approx = index.top_k(recommender.exact, users, k, requests, **search_params)
     hits = 0
     total = 0
     for (exact_rows, _), (approx_rows, _) in zip(exact, approx, strict=True):

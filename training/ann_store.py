@@ -18,15 +18,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from mfserve.training.ann import (
-    KINDS,
-    AnnError,
-    AnnIndex,
-    faiss_module,
-    model_sha256,
-    ranking_tables,
-)
 from mfserve.training.artifact import MODEL_TENSORS, ModelArtifact, sha256_file
+from mfserve.training.scoring.ann import KINDS, AnnError, AnnIndex, faiss_module, model_sha256
+from mfserve.training.scoring.types import ranking_tables
 
 SIDECAR_FORMAT = 1
 
@@ -108,7 +102,7 @@ def load_index(
     faiss = faiss_module()
     index = faiss.read_index(str(index_path))
     tables = ranking_tables(artifact)
-    dim = tables.item_keys.shape[1] + (1 if tables.item_bias is not None else 0)
+    dim = tables.keys.shape[1] + (1 if tables.key_bias is not None else 0)
     if index.ntotal != artifact.n_items or index.d != dim:
         raise AnnError(
             f"{index_path}: index has {index.ntotal} items of width {index.d}, "

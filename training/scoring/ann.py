@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from mfserve.training.artifact import MANIFEST, MODEL_TENSORS, ModelArtifact
-from mfserve.training.recommender import RankRequest
+from mfserve.training.scoring.types import RankedLists, RankingTables, RankRequest
 
 if TYPE_CHECKING:
-    from mfserve.training.recommender import Recommender
+    from mfserve.training.scoring.exact import ExactRanker
 
 KINDS = ("hnsw", "ivf")
 # Defaults measured on the 1M x 64 clustered synthetic catalogue (benchmarks/big_catalogue.py, 2
@@ -87,34 +87,6 @@ def model_sha256(artifact: ModelArtifact) -> str:
         raise AnnError(f"{artifact.path / MANIFEST}: no sha256 for {MODEL_TENSORS}: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class RankingTables:
-    """The ranking score's pieces, chosen exactly as ``Recommender`` chooses them."""
-
-    user_query: torch.Tensor  # [n_users, d]
-    item_keys: torch.Tensor  # [n_items, d]
-    item_bias: torch.Tensor | None  # [n_items], or None when the score has no item term
-    user_offset: torch.Tensor  # [n_users]: constant per user, added back after the search
-
-
-def ranking_tables(artifact: ModelArtifact) -> RankingTables:
-    """Mirror of ``Recommender.__init__``'s choice of ranking head (tests compare the two)."""
-    tensors = artifact.tensors
-    if "rank_user_factors" in tensors:
-        return RankingTables(
-            tensors["rank_user_factors"],
-            tensors["rank_item_factors"],
-            tensors.get("rank_item_bias"),
-            torch.zeros(artifact.n_users),
-        )
-    return RankingTables(
-        tensors["user_factors"],
-        tensors["item_factors"],
-        tensors["item_bias"],
-        tensors["user_bias"] + artifact.global_mean,
-    )
-
-
 @dataclass
 class AnnIndex:
     """A faiss inner-product index over one artifact's ranking item factors."""
@@ -133,15 +105,15 @@ class AnnIndex:
     # numpy views of the ranking queries and offsets, made once: a lone query in a server runs on
     # cold caches, where each torch-to-numpy conversion cost more than the bookkeeping it served.
     _user_queries: np.ndarray = field(init=False, repr=False, compare=False)
-    _user_offsets: np.ndarray = field(init=False, repr=False, compare=False)
+    _user_offsets: np.ndarray | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._user_queries = self.tables.user_query.numpy()
-        self._user_offsets = self.tables.user_offset.numpy()
+        self._user_queries = self.tables.queries
+        self._user_offsets = self.tables.user_offset
 
     @property
     def augmented(self) -> bool:
-        return self.tables.item_bias is not None
+        return self.tables.key_bias is not None
 
     @property
     def n_items(self) -> int:
@@ -295,47 +267,45 @@ class AnnIndex:
 
     def top_k(
         self,
-        recommender: Recommender,
+        exact: ExactRanker,
         users: torch.Tensor,
         k: int,
         requests: Sequence[RankRequest] | None = None,
         **search_params: int,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``Recommender.top_k``'s contract, answered by the index: (item rows, scores) per user.
-
-        Unknown users (popularity answer) and allow-lists (a handful of candidates, exact is
-        cheaper) are answered exactly by ``recommender``.
-        """
+        """:meth:`top_k_lists` as tensors: (item rows, scores) per user."""
         return [
             (torch.tensor(items, dtype=torch.int64), torch.tensor(scores, dtype=torch.float32))
-            for items, scores in self.top_k_lists(recommender, users, k, requests, **search_params)
+            for items, scores in self.top_k_lists(exact, users, k, requests, **search_params)
         ]
 
     def top_k_lists(
         self,
-        recommender: Recommender,
+        exact: ExactRanker,
         users: torch.Tensor | Sequence[int],
         k: int,
         requests: Sequence[RankRequest] | None = None,
         **search_params: int,
-    ) -> list[tuple[list[int], list[float]]]:
-        """:meth:`top_k` as Python lists (the server's path: it writes lists anyway). ``users``
-        may be plain rows: the index's own queries need no tensor, only the exact fallback does.
+    ) -> RankedLists:
+        """Best ``k`` items (rows, scores; best first) per user row, by the index. Unknown users
+        (the popularity answer) and allow-lists (a handful of candidates: exact is cheaper) are
+        answered by ``exact``, the model's exact ranker, which also knows each user's seen items.
         """
         n_items = self.n_items  # one read of the SWIG attribute per call, not three
-        if recommender.n_items != n_items:
-            raise AnnError(f"index of {n_items} items used with a model of {recommender.n_items}")
+        if exact.n_items != n_items:
+            raise AnnError(f"index of {n_items} items used with a model of {exact.n_items}")
         user_rows: list[int] = users.tolist() if isinstance(users, torch.Tensor) else list(users)
         reqs = list(requests) if requests is not None else [RankRequest()] * len(user_rows)
         results: list[tuple[list[int], list[float]]] = [([], [])] * len(reqs)
         approx: list[int] = []
-        exact: list[int] = []
+        exact_rows: list[int] = []
         for b, row in enumerate(user_rows):
-            (exact if row < 0 or reqs[b].candidates is not None else approx).append(b)
-        if exact:
-            rows_tensor = torch.tensor([user_rows[b] for b in exact], dtype=torch.int64)
-            answers = recommender.top_k_lists(rows_tensor, k, [reqs[b] for b in exact])
-            for b, answer in zip(exact, answers, strict=True):
+            (exact_rows if row < 0 or reqs[b].candidates is not None else approx).append(b)
+        if exact_rows:
+            answers = exact.top_k(
+                [user_rows[b] for b in exact_rows], k, [reqs[b] for b in exact_rows]
+            )
+            for b, answer in zip(exact_rows, answers, strict=True):
                 results[b] = answer
         k = max(0, min(k, n_items))
         if not approx or k == 0:
@@ -343,7 +313,7 @@ class AnnIndex:
         banned: list[np.ndarray | None] = []
         for b in approx:
             request = reqs[b]
-            skip = recommender.seen_rows(user_rows[b]) if request.exclude_seen else None
+            skip = exact.seen_rows(user_rows[b]) if request.exclude_seen else None
             denied = request.exclude.numpy() if request.exclude is not None else None
             if denied is not None and denied.size:
                 skip = denied if skip is None else np.concatenate([skip, denied])
@@ -358,7 +328,7 @@ class AnnIndex:
             banned,
             search_params.get("ef_search"),
             search_params.get("nprobe"),
-            offsets=self._user_offsets[pick],  # float32, as torch added it
+            offsets=None if self._user_offsets is None else self._user_offsets[pick],
         )
         for b, answer in zip(approx, answers, strict=True):
             results[b] = answer

@@ -12,8 +12,8 @@ summation order differs from torch's vectorised one, so a rating may differ from
 on its own, so a pair's rating never depends on which batch it was in: batched answers equal
 unbatched ones exactly, which is what the server promises.
 
-Like ``batch_decode``, a fast path: without numba :func:`pair_kernel` returns ``None`` and the
-server predicts through ``Recommender.predict``.
+A fast path: without numba :func:`pair_kernel` returns ``None`` and the server predicts through
+``Recommender.predict``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfserve.server.jit import HAVE_NUMBA, compiled
-from mfserve.training.recommender import Recommender
+from mfserve.training.artifact import ModelArtifact
+from mfserve.training.scoring.jit import HAVE_NUMBA, compiled
 
 
 @compiled
@@ -64,13 +64,15 @@ class PairKernel:
     tables: tuple[Any, ...]
 
     @classmethod
-    def build(cls, model: Recommender) -> PairKernel:
-        bounds = np.array([model.global_mean, model.rating_min, model.rating_max], np.float32)
+    def build(cls, artifact: ModelArtifact) -> PairKernel:
+        low, high = artifact.rating_range
+        bounds = np.array([artifact.global_mean, low, high], np.float32)
+        tensors = artifact.tensors
         tables = (
-            model.user_factors.contiguous().numpy(),
-            model.item_factors.contiguous().numpy(),
-            model.user_bias.contiguous().numpy(),
-            model.item_bias.contiguous().numpy(),
+            tensors["user_factors"].contiguous().numpy(),
+            tensors["item_factors"].contiguous().numpy(),
+            tensors["user_bias"].contiguous().numpy(),
+            tensors["item_bias"].contiguous().numpy(),
             bounds,
         )
         return cls(tables)
@@ -82,11 +84,12 @@ class PairKernel:
         return out
 
 
-def pair_kernel(model: Recommender) -> PairKernel | None:
-    """The kernel for ``model``, compiled and warmed now; ``None`` without numba."""
-    if not HAVE_NUMBA or model.user_factors.dtype != torch.float32:
+def pair_kernel(artifact: ModelArtifact) -> PairKernel | None:
+    """The kernel for ``artifact``'s rating head, compiled and warmed now; ``None`` without
+    numba."""
+    if not HAVE_NUMBA or artifact.tensors["user_factors"].dtype != torch.float32:
         return None
-    kernel = PairKernel.build(model)
+    kernel = PairKernel.build(artifact)
     empty = np.empty(0, dtype=np.int64)
     kernel.predict(empty, empty)  # compiles (or loads from numba's cache) before the first call
     return kernel

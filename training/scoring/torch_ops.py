@@ -1,9 +1,7 @@
-"""Batch-level pieces of ranking, shared by ``Recommender.top_k`` and ``Recommender.similar_items``.
-
-Kept apart from :mod:`mfserve.training.recommender` (which owns the model's tensors and the per-call
-entry points) so that each module stays small: the per-row options (:class:`RankRequest`), the
-(row, item) pairs a batch must never return (:func:`banned_pairs`), the chunked score-and-select
-loop (:func:`chunked_topk`) and a batch's answer before it is split per row (:class:`Ranking`).
+"""Batch-level pieces of the exact torch ranking, kept apart from :mod:`.exact` (which owns the
+tensors and the entry points) so that each module stays small: the (row, item) pairs a batch must
+never return (:func:`banned_pairs`), the chunked score-and-select loop (:func:`chunked_topk`) and
+a batch's answer before it is split per row (:class:`Ranking`).
 """
 
 from __future__ import annotations
@@ -11,23 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-Ranked = list[tuple[torch.Tensor, torch.Tensor]]
-# The same answer as plain Python lists (what a server writes into a response).
-RankedLists = list[tuple[list[int], list[float]]]
-
-
-@dataclass(frozen=True)
-class RankRequest:
-    """Per-row options of a batched top-k call (one row per user or query item)."""
-
-    exclude_seen: bool = True
-    exclude: torch.Tensor | None = None  # int64 item rows never to return
-    candidates: torch.Tensor | None = None  # int64 item rows: rank only these
+from mfserve.training.scoring.types import Ranked, RankedLists, RankRequest
 
 
 def banned_pairs(
@@ -130,7 +116,7 @@ def chunked_topk(
                 in_chunk = (banned_cols >= start) & (banned_cols < stop)
                 rows, cols = banned_rows[in_chunk], banned_cols[in_chunk] - start
             # Through numpy: an in-place numpy write keeps the GIL, a torch op hands it over
-            # (see Recommender._top_k).
+            # (see ExactRanker.top_k).
             scores.numpy()[rows, cols] = -np.inf
         top = torch.topk(scores, min(k, stop - start), dim=1)
         if start == 0:
@@ -143,19 +129,6 @@ def chunked_topk(
             best_scores = keep.values
             best_items = torch.gather(best_items, 1, keep.indices)
     return best_scores, best_items
-
-
-class RankingTables(NamedTuple):
-    """What exact ranking reads, for code that ranks outside torch (the server's compiled kernel):
-    ``queries[user] . keys[item] (+ key_bias[item]) (+ user_offset[user])``, the seen items of a
-    user being ``seen_indices[seen_indptr[user]:seen_indptr[user + 1]]``. Read-only views."""
-
-    queries: np.ndarray
-    keys: np.ndarray
-    key_bias: np.ndarray | None
-    user_offset: np.ndarray | None
-    seen_indptr: np.ndarray
-    seen_indices: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -24,17 +24,17 @@ Both scans give exactly the same answer:
   magnitude, above float32's worst rounding of a 64-term dot product and two adds (~4e-6), and
   the stop test is strict, so an item that could tie is still scanned;
 * ties are ordered by item row, as a scan in row order ranks them;
-* a non-finite score never ranks, as in ``Recommender``; a non-finite key or bias voids the bound,
+* a non-finite score never ranks, as in ``ExactRanker``; a non-finite key or bias voids the bound,
   and that model gets full scans.
 
-The scores are ``Recommender``'s ranking formula; only the order of the float additions differs
-from BLAS's and torch's, so a score may differ from ``Recommender.top_k``'s in its last bits (1e-5
+The scores are ``ExactRanker``'s formula; only the order of the float additions differs
+from BLAS's and torch's, so a score may differ from ``ExactRanker.top_k``'s in its last bits (1e-5
 in the tests) and two items within that of each other may swap. Within the kernel, batched
 answers equal unbatched ones exactly.
 
-Catalogues bigger than one scoring chunk (``Recommender.chunk_size``), users the model does not
+Catalogues bigger than one scoring chunk (``ExactRanker.chunk_size``), users the model does not
 know, allow-lists and deny-lists keep the torch path. Without numba :func:`rank_kernel` returns
-``None`` and everything does.
+``None`` and :class:`~mfserve.training.scoring.exact.ExactRanker` answers everything.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from mfserve.server.jit import HAVE_NUMBA, compiled
-from mfserve.training.ranking import RankingTables
-from mfserve.training.recommender import Recommender
+from mfserve.training.scoring.exact import ExactRanker
+from mfserve.training.scoring.jit import HAVE_NUMBA, compiled
+from mfserve.training.scoring.types import RankedLists, RankingTables, RankRequest
 
 # The bound's relative widening: float32's worst-case rounding of a 64-term dot product (about
 # 64 * 2**-24 = 3.8e-6 of sum |q_f k_f| <= |q||k|) and of the two adds after it, with room to spare.
@@ -269,11 +269,6 @@ class RankKernel:
         return None if self.order is not None else FULL_SCAN_MAX_USERS
 
     @classmethod
-    def build(cls, model: Recommender, *, pruned: bool | None = None) -> RankKernel:
-        """The kernel over ``model``'s ranking tables (see :meth:`from_tables`)."""
-        return cls.from_tables(model.ranking_tables(), pruned=pruned)
-
-    @classmethod
     def from_tables(cls, source: RankingTables, *, pruned: bool | None = None) -> RankKernel:
         """The kernel over ``source``. ``pruned``: None measures whether pruning pays (a usual
         query, k=10 with seen items excluded, on up to 64 users spread across the table, visiting
@@ -358,15 +353,58 @@ class RankKernel:
         return ranked, scanned
 
 
-def rank_kernel(model: Recommender) -> RankKernel | None:
-    """The kernel for ``model``, compiled, warmed and with its scan chosen now; ``None`` without
-    numba, for a multi-chunk catalogue, or for tables that are not float32."""
-    if not HAVE_NUMBA or model.n_items > model.chunk_size:
+def rank_kernel(tables: RankingTables, *, chunk_size: int) -> RankKernel | None:
+    """The kernel for ``tables``, compiled, warmed and with its scan chosen now; ``None`` without
+    numba, for a catalogue past one scoring chunk, or for tables that are not float32."""
+    if not HAVE_NUMBA or tables.keys.shape[0] > chunk_size:
         return None
-    tables = model.ranking_tables()
     if {tables.queries.dtype, tables.keys.dtype} != {np.dtype(np.float32)}:
         return None
-    kernel = RankKernel.build(model)
-    if model.n_users:
+    kernel = RankKernel.from_tables(tables)
+    if tables.queries.shape[0]:
         kernel.top_k([0], 1, [True])  # compiles (or loads from numba's cache) before any call
     return kernel
+
+
+class CompiledRanker:
+    """The kernel for known users without allow- or deny-lists (nearly every call), the exact
+    torch ranker for the rest and for similar items. A user's answer does not depend on its
+    batch: plain rows go through the kernel whether alone or batched, except that a full-scan
+    kernel hands batches past :attr:`RankKernel.max_users` to torch's GEMM, which is faster there.
+    """
+
+    def __init__(self, kernel: RankKernel, exact: ExactRanker) -> None:
+        self.kernel = kernel
+        self.exact = exact
+
+    def describe(self) -> str:
+        return f"compiled {self.kernel.describe()}"
+
+    def visits(self, user: int, request: RankRequest) -> int:
+        return int(self.exact.visits(user, request))
+
+    def top_k(self, users: Sequence[int], k: int, requests: Sequence[RankRequest]) -> RankedLists:
+        plain = [
+            n
+            for n, (user, r) in enumerate(zip(users, requests, strict=True))
+            if user >= 0 and r.plain
+        ]
+        limit = self.kernel.max_users
+        if not plain or (limit is not None and len(plain) > limit):
+            return self.exact.top_k(users, k, requests)
+        if len(plain) == len(users):
+            return self.kernel.top_k(users, k, [r.exclude_seen for r in requests])
+        answers: list[tuple[list[int], list[float]]] = [([], [])] * len(users)
+        ranked = self.kernel.top_k(
+            [users[n] for n in plain], k, [requests[n].exclude_seen for n in plain]
+        )
+        for n, answer in zip(plain, ranked, strict=True):
+            answers[n] = answer
+        rest = sorted(set(range(len(users))) - set(plain))
+        general = self.exact.top_k([users[n] for n in rest], k, [requests[n] for n in rest])
+        for n, answer in zip(rest, general, strict=True):
+            answers[n] = answer
+        return answers
+
+    def similar(self, items: Sequence[int], k: int, requests: Sequence[RankRequest]) -> RankedLists:
+        return self.exact.similar(items, k, requests)

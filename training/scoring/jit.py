@@ -1,4 +1,5 @@
-"""numba, where it is installed: the decorator the server's compiled fast paths share.
+"""numba, where it is installed: the decorator every compiled fast path shares (the ranking and
+rating kernels here, the server's BatchPredict decoder).
 
 The ``server`` extra installs numba. Without it (a platform numba has no wheel for yet) the fast
 paths report themselves unavailable and the server answers through protobuf and torch: slower,
@@ -19,7 +20,7 @@ except ImportError:  # pragma: no cover - the server extra installs numba
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-log = logging.getLogger("mfserve.server")
+log = logging.getLogger("mfserve.training")
 
 HAVE_NUMBA = numba is not None
 

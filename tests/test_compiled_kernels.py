@@ -1,6 +1,6 @@
-"""The server's compiled fast paths against protobuf and torch: the id decoder must give the rows
-protobuf's parser plus the id maps give, or decline; the pair and rank kernels must give
-``Recommender``'s ratings and rankings (to float32 rounding) and never depend on their batch."""
+"""The compiled kernels against torch: the pair and rank kernels must give the exact torch path's
+ratings and rankings (to float32 rounding) and never depend on their batch, and the pruned scan
+must rank exactly as the full one."""
 
 from __future__ import annotations
 
@@ -13,130 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfserve.server.batch_compute import top_k_batch
-from mfserve.server.batch_decode import BatchDecoder, batch_decoder
-from mfserve.server.jit import HAVE_NUMBA, compiled
-from mfserve.server.model_holder import serving_model
-from mfserve.server.pair_kernel import pair_kernel
-from mfserve.server.rank_kernel import FULL_SCAN_MAX_USERS, RankKernel, rank_kernel
-from mfserve.server.wire import varint
-from mfserve.training.ranking import RankingTables
 from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.scoring import CompiledRanker, RankingTables
+from mfserve.training.scoring.compiled import FULL_SCAN_MAX_USERS, RankKernel, rank_kernel
+from mfserve.training.scoring.jit import HAVE_NUMBA, compiled
+from mfserve.training.scoring.ratings import pair_kernel
 from mfserve.training.synthetic import synthetic_artifact
-from mfserve.v1 import recommender_pb2 as pb
 
-pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="the fast paths need numba")
-
-# Ids as real catalogues have them, plus the awkward ones: non-ASCII, past 127 bytes (a
-# two-byte length on the wire), and prefixes of one another.
-ID = st.text(st.characters(codec="utf-8"), min_size=1, max_size=150)
-
-
-def _decoder(users: list[str], items: list[str]) -> BatchDecoder:
-    decoder = batch_decoder(
-        {u: row for row, u in enumerate(users)}, {i: row for row, i in enumerate(items)}
-    )
-    assert decoder is not None
-    return decoder
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    users=st.lists(ID, min_size=1, max_size=40, unique=True),
-    items=st.lists(ID, min_size=1, max_size=40, unique=True),
-    data=st.data(),
-)
-def test_known_ids_decode_to_the_rows_protobuf_gives(
-    users: list[str], items: list[str], data: Any
-) -> None:
-    n = data.draw(st.integers(0, 30))
-    user_ids = data.draw(st.lists(st.sampled_from(users), min_size=n, max_size=n))
-    item_ids = data.draw(st.lists(st.sampled_from(items), min_size=n, max_size=n))
-    cold = data.draw(st.booleans())
-    raw = pb.BatchPredictRequest(
-        user_ids=user_ids, item_ids=item_ids, allow_cold_start=cold
-    ).SerializeToString()
-    decoded = _decoder(users, items).decode(raw, 1000)
-    assert decoded is not None
-    rows_u, rows_i = decoded
-    assert rows_u.tolist() == [users.index(u) for u in user_ids]
-    assert rows_i.tolist() == [items.index(i) for i in item_ids]
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    known=st.lists(ID, min_size=1, max_size=20, unique=True),
-    stranger=ID,
-    data=st.data(),
-)
-def test_an_unknown_or_empty_id_declines(known: list[str], stranger: str, data: Any) -> None:
-    odd = data.draw(st.sampled_from(["", stranger]))
-    if odd in known:
-        return
-    ids = [*data.draw(st.lists(st.sampled_from(known), max_size=5)), odd]
-    as_users = pb.BatchPredictRequest(user_ids=ids, item_ids=known[:1] * len(ids))
-    as_items = pb.BatchPredictRequest(user_ids=known[:1] * len(ids), item_ids=ids)
-    decoder = _decoder(known, known)
-    assert decoder.decode(as_users.SerializeToString(), 1000) is None
-    assert decoder.decode(as_items.SerializeToString(), 1000) is None
-
-
-def test_interleaved_fields_decode_as_protobuf_parses_them() -> None:
-    # Repeated fields may arrive interleaved; protobuf appends each element in order.
-    def field(number: int, value: str) -> bytes:
-        data = value.encode()
-        return varint(number << 3 | 2) + varint(len(data)) + data
-
-    raw = field(1, "b") + field(2, "y") + field(1, "a") + b"\x18\x01" + field(2, "x")
-    parsed = pb.BatchPredictRequest.FromString(raw)
-    assert list(parsed.user_ids) == ["b", "a"] and list(parsed.item_ids) == ["y", "x"]
-    decoded = _decoder(["a", "b"], ["x", "y"]).decode(raw, 10)
-    assert decoded is not None
-    assert decoded[0].tolist() == [1, 0] and decoded[1].tolist() == [1, 0]
-
-
-@pytest.mark.parametrize(
-    ("raw", "why"),
-    [
-        (b"\x0a\x05ab", "a length past the end"),
-        (b"\x0a", "a tag with no length"),
-        (b"\x0a\x80", "a varint cut short"),
-        (b"\x20\x01", "an unknown field (4, varint)"),
-        (b"\x0d\x00\x00\x00\x00", "field 1 with the wrong wire type"),
-        (b"\x18", "allow_cold_start with no value"),
-        (b"\x18" + b"\xff" * 11, "a varint longer than ten bytes"),
-    ],
-)
-def test_anything_unusual_declines(raw: bytes, why: str) -> None:
-    assert _decoder(["a"], ["x"]).decode(raw, 10) is None, why
-
-
-def test_more_ids_than_allowed_declines() -> None:
-    decoder = _decoder(["a"], ["x"])
-    raw = pb.BatchPredictRequest(user_ids=["a"] * 5, item_ids=["x"] * 5).SerializeToString()
-    assert decoder.decode(raw, 4) is None
-    decoded = decoder.decode(raw, 5)
-    assert decoded is not None and len(decoded[0]) == len(decoded[1]) == 5
-
-
-def test_unequal_lengths_decode_as_they_are() -> None:
-    # The caller's size check then names both fields, as on the protobuf path.
-    raw = pb.BatchPredictRequest(user_ids=["a", "a"], item_ids=["x"]).SerializeToString()
-    decoded = _decoder(["a"], ["x"]).decode(raw, 10)
-    assert decoded is not None and (len(decoded[0]), len(decoded[1])) == (2, 1)
-
-
-def test_a_large_catalogue_keeps_every_id_apart() -> None:
-    ids = [str(n) for n in range(50_000)]
-    decoder = _decoder(ids, ids)
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(ids), 2_000)
-    raw = pb.BatchPredictRequest(
-        user_ids=[ids[p] for p in picks], item_ids=[ids[p] for p in picks[::-1]]
-    ).SerializeToString()
-    decoded = decoder.decode(raw, 10_000)
-    assert decoded is not None
-    assert np.array_equal(decoded[0], picks) and np.array_equal(decoded[1], picks[::-1])
+pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="the compiled kernels need numba")
 
 
 # ---------------------------------------------------------------------------- the pair kernel
@@ -146,7 +30,7 @@ def model(synthetic_model: Any) -> Recommender:
 
 
 def test_kernel_matches_recommender_predict(model: Recommender) -> None:
-    kernel = pair_kernel(model)
+    kernel = pair_kernel(model.artifact)
     assert kernel is not None
     rng = np.random.default_rng(1)
     # -1 rows included: the cold-start estimate (no factors, only the known biases).
@@ -161,7 +45,7 @@ def test_kernel_matches_recommender_predict(model: Recommender) -> None:
 
 
 def test_kernel_answers_do_not_depend_on_the_batch(model: Recommender) -> None:
-    kernel = pair_kernel(model)
+    kernel = pair_kernel(model.artifact)
     assert kernel is not None
     rng = np.random.default_rng(2)
     users = rng.integers(0, model.n_users, 300)
@@ -223,7 +107,7 @@ def ranker(request: pytest.FixtureRequest) -> tuple[Recommender, RankKernel]:
     rank_head, pruned = request.param
     artifact = synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)
     model = Recommender(long_tailed(artifact) if pruned else artifact)
-    kernel = RankKernel.build(model, pruned=pruned)
+    kernel = RankKernel.from_tables(model.ranking_tables(), pruned=pruned)
     assert (kernel.order is not None) == pruned
     return model, kernel
 
@@ -233,7 +117,7 @@ def test_the_kernel_prunes_only_where_it_pays() -> None:
     # scan; synthetic clusters in 32 dimensions, all of one length, prune almost nothing.
     lengths_vary = Recommender(long_tailed(synthetic_artifact(**RANKER_SHAPE)))
     alike = Recommender(synthetic_artifact(n_users=60, n_items=1000, factors=32, clusters=32))
-    pruning, scanning = rank_kernel(lengths_vary), rank_kernel(alike)
+    pruning, scanning = kernel_of(lengths_vary), kernel_of(alike)
     assert pruning is not None and scanning is not None
     assert pruning.order is not None and pruning.max_users is None
     assert scanning.order is None and scanning.max_users == FULL_SCAN_MAX_USERS
@@ -243,13 +127,18 @@ def test_the_kernel_prunes_only_where_it_pays() -> None:
     assert scanning.describe().startswith("full scan (pruning visits ")
 
 
-def test_the_load_log_says_which_scan_serves(caplog: pytest.LogCaptureFixture) -> None:
+def kernel_of(model: Recommender) -> RankKernel | None:
+    return rank_kernel(model.ranking_tables(), chunk_size=model.chunk_size)
+
+
+def test_the_model_ranks_through_the_kernel_and_says_which_scan() -> None:
     model = Recommender(long_tailed(synthetic_artifact(**RANKER_SHAPE)))
-    with caplog.at_level("INFO", logger="mfserve.server"):
-        serving = serving_model(model)
-    assert serving.rank_kernel is not None
-    assert f"TopK kernel for unnamed v0: {serving.rank_kernel.describe()}" in caplog.text
-    assert "of 400 items" in caplog.text
+    ranker = model.ranker
+    assert isinstance(ranker, CompiledRanker)
+    assert ranker.describe() == f"compiled {ranker.kernel.describe()}"
+    assert "of 400 items" in ranker.describe()
+    assert Recommender(model.artifact, compiled=False).ranker is not ranker
+    assert not isinstance(Recommender(model.artifact, compiled=False).ranker, CompiledRanker)
 
 
 def test_rank_kernel_matches_the_torch_ranking(ranker: tuple[Recommender, RankKernel]) -> None:
@@ -258,7 +147,7 @@ def test_rank_kernel_matches_the_torch_ranking(ranker: tuple[Recommender, RankKe
     seen = [u % 3 != 0 for u in users]  # both kinds in one batch
     got = kernel.top_k(users, 10, seen)
     requests = [RankRequest(exclude_seen=s) for s in seen]
-    want = model.top_k_lists(torch.tensor(users), 10, requests)
+    want = model.exact.top_k(users, 10, requests)
     for (items, scores), (want_items, want_scores) in zip(got, want, strict=True):
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
         # Items exactly, except where two scores tie to within the tolerance.
@@ -292,18 +181,18 @@ def test_a_mixed_batch_keeps_each_call_on_its_own_path(
 ) -> None:
     # Plain calls go through the kernel, the others through torch, and every answer comes back
     # in its call's place, equal to what the call gets alone.
-    model, _ = ranker
-    serving = serving_model(model)
-    assert serving.rank_kernel is not None
-    payloads = [
-        (4, 5, RankRequest()),
-        (9, 3, RankRequest(exclude=torch.tensor([0, 1, 2]))),  # a deny-list: torch
-        (-1, 4, RankRequest()),  # unknown user: popularity, torch
-        (11, 6, RankRequest(exclude_seen=False)),
+    model, kernel = ranker
+    compiled_ranker = CompiledRanker(kernel, model.exact)
+    users = [4, 9, -1, 11]
+    requests = [
+        RankRequest(),
+        RankRequest(exclude=torch.tensor([0, 1, 2])),  # a deny-list: torch
+        RankRequest(),  # unknown user: popularity, torch
+        RankRequest(exclude_seen=False),
     ]
-    together = top_k_batch(serving, payloads)
-    alone = [top_k_batch(serving, [payload])[0] for payload in payloads]
-    assert [len(items) for items, _ in together] == [5, 3, 4, 6]
+    together = compiled_ranker.top_k(users, 6, requests)
+    alone = [compiled_ranker.top_k([u], 6, [r])[0] for u, r in zip(users, requests, strict=True)]
+    assert [len(items) for items, _ in together] == [6, 6, 6, 6]
     for (items, scores), (want_items, want_scores) in zip(together, alone, strict=True):
         assert items == want_items
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
@@ -311,7 +200,8 @@ def test_a_mixed_batch_keeps_each_call_on_its_own_path(
 
 def test_a_catalogue_past_one_chunk_keeps_the_torch_path() -> None:
     model = Recommender(synthetic_artifact(n_users=5, n_items=300, factors=4), chunk_size=128)
-    assert rank_kernel(model) is None
+    assert kernel_of(model) is None
+    assert not isinstance(model.ranker, CompiledRanker)
 
 
 def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
@@ -319,12 +209,12 @@ def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
 ) -> None:
     # With full scans, past FULL_SCAN_MAX_USERS the batch is a GEMM through torch: scores to
     # 1e-5. The pruned scan takes the whole batch.
-    model, _ = ranker
-    serving = serving_model(model)
-    payloads = [(user, 5, RankRequest()) for user in range(FULL_SCAN_MAX_USERS + 4)]
-    together = top_k_batch(serving, payloads)
-    for (items, scores), payload in zip(together, payloads, strict=True):
-        [(want_items, want_scores)] = top_k_batch(serving, [payload])
+    model, kernel = ranker
+    compiled_ranker = CompiledRanker(kernel, model.exact)
+    users = list(range(FULL_SCAN_MAX_USERS + 4))
+    together = compiled_ranker.top_k(users, 5, [RankRequest()] * len(users))
+    for (items, scores), user in zip(together, users, strict=True):
+        [(want_items, want_scores)] = compiled_ranker.top_k([user], 5, [RankRequest()])
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
         assert len(items) == len(want_items) == 5
 
@@ -332,8 +222,8 @@ def test_a_batch_past_the_kernel_limit_gets_the_same_rankings(
 def test_the_pruned_scan_ranks_exactly_as_the_full_scan_while_visiting_less() -> None:
     for rank_head in (True, False):
         model = Recommender(long_tailed(synthetic_artifact(**RANKER_SHAPE, rank_head=rank_head)))
-        pruned = RankKernel.build(model, pruned=True)
-        full = RankKernel.build(model, pruned=False)
+        pruned = RankKernel.from_tables(model.ranking_tables(), pruned=True)
+        full = RankKernel.from_tables(model.ranking_tables(), pruned=False)
         users = list(range(model.n_users))
         for k in (1, 10, model.n_items + 50):
             for seen in ([True] * len(users), [u % 2 == 0 for u in users]):
@@ -390,38 +280,7 @@ def test_a_non_finite_key_means_full_scans() -> None:
     broken[7, 0] = float("nan")
     tensors["rank_item_factors"] = broken
     model = Recommender(dataclasses.replace(artifact, tensors=tensors))
-    kernel = RankKernel.build(model, pruned=True)
+    kernel = RankKernel.from_tables(model.ranking_tables(), pruned=True)
     assert kernel.order is None  # no bound holds with a NaN key
     [(items, _)] = kernel.top_k([3], model.n_items, [False])
     assert 7 not in items  # its score is NaN: never ranked
-
-
-@settings(max_examples=400, deadline=None)
-@given(data=st.data())
-def test_hostile_bytes_decode_as_protobuf_parses_them_or_decline(data: Any) -> None:
-    # The decoder runs without bounds checks, so it must never read past the request: any bytes
-    # (mutated valid requests, truncations, random junk) either decline or give exactly the rows
-    # protobuf's own parser gives.
-    users, items = ["a", "bb", "ccc"], ["x", "yy", "\u00e9t\u00e9"]
-    valid = pb.BatchPredictRequest(
-        user_ids=data.draw(st.lists(st.sampled_from(users), max_size=6)),
-        item_ids=data.draw(st.lists(st.sampled_from(items), max_size=6)),
-        allow_cold_start=data.draw(st.booleans()),
-    ).SerializeToString()
-    raw = data.draw(
-        st.one_of(
-            st.binary(max_size=64),
-            st.just(valid[: data.draw(st.integers(0, len(valid)))]),
-            st.builds(
-                lambda at, byte: valid[:at] + bytes([byte]) + valid[at + 1 :],
-                st.integers(0, max(0, len(valid) - 1)),
-                st.integers(0, 255),
-            ),
-        )
-    )
-    decoded = _decoder(users, items).decode(raw, 1000)
-    if decoded is None:
-        return
-    parsed = pb.BatchPredictRequest.FromString(raw)  # must parse: the decoder accepted it
-    assert decoded[0].tolist() == [users.index(u) for u in parsed.user_ids]
-    assert decoded[1].tolist() == [items.index(i) for i in parsed.item_ids]

@@ -1,0 +1,29 @@
+"""What one call costs, for the batcher's rule that a lone cheap call is computed on the event loop
+(:data:`mfserve.server.batching.INLINE_RANK_SCORES`): pairs for Predict, item scores (or index
+distances) for TopK and SimilarItems. The ranker says how much work a query is
+(``Ranker.visits``); what counts as cheap is the server's business, so it lives here."""
+
+from __future__ import annotations
+
+from mfserve.server.batch_compute import PredictPayload, RankPayload
+from mfserve.server.model_holder import ServingModel
+
+
+def predict_rows(payload: PredictPayload) -> int:
+    return len(payload[0])
+
+
+def predict_cost(model: ServingModel, payload: PredictPayload) -> int:
+    return len(payload[0])
+
+
+def top_k_cost(model: ServingModel, payload: RankPayload) -> int:
+    row, _, request = payload
+    visits: int = model.ranker.visits(row, request)
+    return visits
+
+
+def similar_cost(model: ServingModel, payload: RankPayload) -> int:
+    """Item scores one query computes: its allow-list, or else the whole catalogue."""
+    candidates = payload[2].candidates
+    return model.recommender.n_items if candidates is None else len(candidates)
