@@ -288,8 +288,12 @@ def _print_ranked(args: argparse.Namespace, result: TopKResult) -> None:
         _render.write_csv(headers, rows)
     else:
         print(_render.table(headers, rows))
-    if result.missing_ids and not args.csv:
-        print(f"unknown ids (cold start): {', '.join(result.missing_ids)}", file=sys.stderr)
+    if args.csv:
+        return
+    # The split fields name what each id was: a user and an item may share an id string.
+    for kind, ids in (("user", result.missing_user_ids), ("item", result.missing_item_ids)):
+        if ids:
+            print(f"unknown {kind} ids (cold start): {', '.join(ids)}", file=sys.stderr)
 
 
 def _topk(args: argparse.Namespace) -> int:

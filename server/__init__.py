@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mfserve.server.app import RecommenderServer, ServerConfig, create_server, serve
+    from mfserve.server.app import RecommenderServer, create_server, serve
+    from mfserve.server.config import ServerConfig
     from mfserve.server.model_holder import ModelHolder
 
 _EXPORTS = {
     "create_server": "mfserve.server.app",
     "serve": "mfserve.server.app",
-    "ServerConfig": "mfserve.server.app",
+    "ServerConfig": "mfserve.server.config",
     "RecommenderServer": "mfserve.server.app",
     "ModelHolder": "mfserve.server.model_holder",
 }

@@ -140,11 +140,6 @@ class RecommenderServer:
         await self._publish_health()
         return model
 
-    async def set_model(self, model: ModelSource) -> None:
-        """Swap in a model (path, artifact, ``Recommender``) or ``None`` to unload."""
-        await asyncio.to_thread(self.holder.set, model)
-        await self._publish_health()
-
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within
         ``grace`` seconds (default ``config.grace_seconds``), then cancel the rest."""

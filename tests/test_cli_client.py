@@ -131,8 +131,10 @@ def test_topk_table_csv_and_json(cli: Any) -> None:
 
 
 def test_topk_cold_start_notes_the_unknown_ids(cli: Any) -> None:
-    code, _, err = cli("topk", "nobody", "--cold-start")
-    assert code == 0 and "nobody" in err
+    code, _, err = cli("topk", "nobody", "--cold-start", "--candidates", "i1", "zz")
+    assert code == 0
+    assert "unknown user ids (cold start): nobody" in err
+    assert "unknown item ids (cold start): zz" in err
 
 
 def test_similar(cli: Any) -> None:
