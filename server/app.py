@@ -40,7 +40,8 @@ from mfserve.server.gc_pauses import GcPauses
 from mfserve.server.idle_poll import IdlePoll
 from mfserve.server.interceptors import AccessLogInterceptor
 from mfserve.server.model_holder import ModelHolder, ModelSource, describe
-from mfserve.server.service import SERVICE_NAME, RecommenderService, add_to_server
+from mfserve.server.registration import add_to_server
+from mfserve.server.service import SERVICE_NAME, RecommenderService
 from mfserve.server.threads import (
     current_torch_threads,
     init_compute_thread,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -186,3 +186,9 @@ __all__ = [
     "show",
     "unavailable",
 ]
+
+
+def malformed(request_class: Any, error: DecodeError) -> ServiceError:
+    """``INVALID_ARGUMENT`` for request bytes that do not parse as ``request_class``."""
+    name = request_class.DESCRIPTOR.full_name
+    return invalid_fields(f"the request is not a valid {name}: {error}", "request")
