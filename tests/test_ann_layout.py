@@ -11,12 +11,12 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mfserve.training.scoring.ann import faiss_module
 from mfserve.training.ann_build import build_index
 from mfserve.training.ann_layout import breadth_first_order, locality_ordered
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.scoring.ann import faiss_module
 from mfserve.training.synthetic import synthetic_artifact
 
 faiss = faiss_module()

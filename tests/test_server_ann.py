@@ -22,11 +22,11 @@ pytest.importorskip("faiss")
 from server_harness import running_server, running_server_handle, serve_command
 
 from mfserve.server.app import ServerConfig, create_server
-from mfserve.training.scoring import ranking_tables
-from mfserve.training.scoring.ann import AnnError
 from mfserve.training.ann_build import build_index
 from mfserve.training.artifact import load_artifact, save_artifact
 from mfserve.training.recommender import RankRequest, Recommender
+from mfserve.training.scoring import ranking_tables
+from mfserve.training.scoring.ann import AnnError
 from mfserve.training.synthetic import synthetic_artifact
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
