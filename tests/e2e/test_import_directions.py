@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Source folder -> the package it is installed (or, for benchmarks, run) as. The most specific
 # folder wins: protos/mfserve/v1/ is mfserve.v1, the rest of protos/mfserve/ the root package.

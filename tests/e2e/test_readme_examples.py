@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from server_harness import running_server
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 ADDRESS = "localhost:50051"
 BLOCK = re.compile(r"<!-- readme-test: (?P<kind>\w+) -->\s*```\w+\n(?P<body>.*?)```", re.DOTALL)
 

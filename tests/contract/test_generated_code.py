@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "protos"
 COMMITTED = PROTO_ROOT / "mfserve" / "v1"
 PROTO = COMMITTED / "recommender.proto"

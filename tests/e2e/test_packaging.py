@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Everything .gitignore lists, plus VCS data: a build from a fresh clone sees none of it.
 _NOT_SOURCE = shutil.ignore_patterns(
     ".git",

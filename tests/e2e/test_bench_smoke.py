@@ -16,7 +16,7 @@ from server_harness import wait_for
 
 from benchmarks.harness.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--duration", "0.4", "--warmup", "0.1", "--start-margin", "0.3"]
 TINY_MODEL = ["--users", "50", "--items", "2000", "--factors", "16"]
 
