@@ -26,6 +26,8 @@ Servers:
   NAME     ``--variant NAME=ARGS``: mfserve again, with ARGS added, interleaved with the rest. Two
            configurations compared within one run see the same phases of a shared host; two
            separate runs do not (their ratios to the empty handler can differ by 0.2 from noise).
+  baseline ``--baseline PYTHON``: the mfserve installed for another interpreter (an earlier
+           release in its own venv), with the same arguments: before and after in one run.
 
 On a small machine the clients and the server share the CPUs; the table says how many cores the
 server used during each window, and absolute figures are only comparable within one run.
@@ -209,6 +211,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "others, e.g. --variant 'loop=--compute-threads 0'; repeatable",
     )
     parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="PYTHON",
+        help="also serve with the mfserve installed for this interpreter (an earlier release's "
+        "venv), as the server 'baseline', interleaved with the rest",
+    )
+    parser.add_argument(
         "--pin-cpus",
         default="",
         metavar="CPUS",
@@ -247,6 +256,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants[name] = shlex.split(extra)
         if name not in args.server_list:
             args.server_list.append(name)
+    if args.baseline and "baseline" not in args.server_list:
+        args.server_list.append("baseline")
+    if "baseline" in args.server_list and not args.baseline:
+        parser.error("the server 'baseline' needs --baseline PYTHON")
     if args.pin_cpus:
         try:
             parse_cpu_list(args.pin_cpus)
@@ -263,7 +276,9 @@ def start_servers(
     args: argparse.Namespace, version: Path
 ) -> dict[str, tuple[RunningServer, ClientPool] | None]:
     """Every server and its load clients, started before any cell (None: failed to start)."""
-    specs = server_specs(version, args.mfserve_arg, args.variants, pin_cpus=args.pin_cpus)
+    specs = server_specs(
+        version, args.mfserve_arg, args.variants, pin_cpus=args.pin_cpus, baseline=args.baseline
+    )
     running: dict[str, tuple[RunningServer, ClientPool] | None] = {}
     for name in args.server_list:
         try:

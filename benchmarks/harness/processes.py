@@ -24,7 +24,7 @@ class ServerSpec:
     ready: re.Pattern[str]  # group 1 is the bound port; matched against stdout and stderr lines
 
 
-BASE_SERVERS = ("empty", "empty-hop", "naive", "mfserve")
+BASE_SERVERS = ("empty", "empty-hop", "naive", "mfserve", "baseline")
 # benchmarks/ is not installed: the floors and load clients import it from the repository root,
 # whatever directory the harness was started from.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +43,17 @@ def server_specs(
     variants: dict[str, list[str]] | None = None,
     *,
     pin_cpus: str = "",
+    baseline: str = "",
 ) -> dict[str, ServerSpec]:
     """How to start each server; ``variants`` are more mfserve servers (name -> extra args);
-    ``pin_cpus``: every server gets ``--pin-cpus`` with it."""
+    ``pin_cpus``: every server gets ``--pin-cpus`` with it; ``baseline``: the interpreter of
+    another install (an earlier release) whose mfserve runs as the server ``baseline``."""
     specs = _specs(version, mfserve_args, variants)
+    if baseline:
+        command = [baseline, "-m", "mfserve.server", "serve", "--model", str(version)]
+        specs["baseline"] = ServerSpec(
+            "baseline", [*command, *mfserve_args], specs["mfserve"].ready
+        )
     if not pin_cpus:
         return specs
     return {

@@ -145,6 +145,24 @@ def test_variants_join_the_servers_in_order_with_their_own_arguments() -> None:
     assert specs["mfserve"].argv[-1] == "--max-k=50"
 
 
+def test_a_baseline_interpreter_serves_beside_mfserve_with_the_same_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks.harness.cli import parse_args
+    from benchmarks.harness.processes import server_specs
+
+    args = parse_args(
+        ["--servers", "empty,mfserve", "--baseline", "/old/bin/python", "--mfserve-arg=--max-k=5"]
+    )
+    assert args.server_list == ["empty", "mfserve", "baseline"]
+    specs = server_specs(Path("m/1"), args.mfserve_arg, baseline=args.baseline)
+    assert specs["baseline"].argv[:3] == ["/old/bin/python", "-m", "mfserve.server"]
+    assert specs["baseline"].argv[3:] == specs["mfserve"].argv[3:]
+    with pytest.raises(SystemExit):
+        parse_args(["--servers", "empty,baseline"])
+    assert "needs --baseline PYTHON" in capsys.readouterr().err
+
+
 def test_combine_takes_medians_and_per_round_ratios() -> None:
     from benchmarks.harness.cells import Cell, combine, set_ratios
 
