@@ -1,7 +1,7 @@
 """Regenerate the Python code for the proto contract: ``python protos/generate.py``.
 
 The generated files are committed (so the thin client needs no grpcio-tools) and
-``tests/test_generated_code.py`` fails when they drift from what this script produces now.
+``tests/contract/test_generated_code.py`` fails when they drift from what this script produces now.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ MiB = 1 << 20
 # At most this many concurrent calls of one kind share one tensor operation (server/batching.py).
 DEFAULT_MAX_BATCH_SIZE = 64
 # "none", "auto", then the index kinds of mfserve.training.scoring.ann.KINDS, spelled out because
-# that module loads numpy; tests/test_server_cli.py checks that the server accepts exactly these.
+# that module loads numpy; tests/server/test_server_cli.py checks that the server accepts exactly
+# these.
 ANN_MODES = ("none", "auto", "hnsw", "ivf")
 
 # --help groups, in the order shown.

@@ -110,7 +110,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mfserve.training.synth``: the two commands that write into a model folder,
-    without the rest of ``mfserve`` (what tests/test_synth.py runs)."""
+    without the rest of ``mfserve`` (what tests/training/test_synth.py runs)."""
     parser = argparse.ArgumentParser(prog="mfserve")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)
