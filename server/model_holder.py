@@ -30,16 +30,14 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import Recommender
-from mfserve.training.scoring import ApproximateRanker, Ranker, choose_ranker
+from mfserve.training.scoring import ApproximateRanker, Ranker
 from mfserve.training.scoring.ann import KINDS, AnnError
 from mfserve.training.scoring.approximate import SEARCH_PARAM
-from mfserve.training.scoring.ratings import PairKernel, pair_kernel
 
 ANN_MODES = ("none", "auto", *KINDS)
 
@@ -51,10 +49,8 @@ class ServingModel:
     recommender: Recommender
     # TopK's one path (mfserve.training.scoring): approximate with an index, else the model's own.
     ranker: Ranker
-    # Compiled fast paths (None without numba): BatchPredict's id lookup from the request's
-    # bytes, and the rating kernel behind Predict and BatchPredict.
+    # BatchPredict's id lookup from the request's bytes, compiled (None without numba).
     batch_decoder: BatchDecoder | None = None
-    pair_kernel: PairKernel | None = None
 
     @property
     def ann(self) -> ApproximateRanker | None:
@@ -62,13 +58,8 @@ class ServingModel:
         return self.ranker if isinstance(self.ranker, ApproximateRanker) else None
 
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Ratings (float32) for row pairs (-1 = unknown): the compiled kernel, or torch."""
-        ratings: np.ndarray
-        if self.pair_kernel is not None:
-            ratings = self.pair_kernel.predict(users, items)
-        else:
-            tensor = self.recommender.predict(torch.from_numpy(users), torch.from_numpy(items))
-            ratings = tensor.numpy()
+        """Ratings (float32) for row pairs (-1 = unknown), as ``Recommender.predict_rows``."""
+        ratings: np.ndarray = self.recommender.predict_rows(users, items)
         return ratings
 
 
@@ -77,9 +68,10 @@ def serving_model(recommender: Recommender, ann: ApproximateRanker | None = None
     that a hot reload publishes a model whose first call pays for nothing."""
     decoder = batch_decoder(recommender.user_index, recommender.item_index)
     # With an approximate index the index answers known users: no exact kernel to build.
-    ranker = choose_ranker(recommender.exact, index=ann) if ann else recommender.ranker
+    recommender.prepare(ranking=ann is None)
+    ranker: Ranker = ann if ann is not None else recommender.ranker
     log.info("mfserve: TopK for %s: %s", describe(recommender), ranker.describe())
-    return ServingModel(recommender, ranker, decoder, pair_kernel(recommender.artifact))
+    return ServingModel(recommender, ranker, decoder)
 
 
 # What create_server and ModelHolder.set accept as "a model".

@@ -1,4 +1,5 @@
-"""The ``mfserve.v1.RecommenderService`` servicer (grpc.aio), answering through ``Recommender``.
+"""The ``mfserve.v1.RecommenderService`` servicer (grpc.aio): each call answered by one loaded
+version, its ids through ``Recommender`` and its ranking through that version's ranker.
 
 Each RPC runs in three steps, kept apart so later work can slot in between them:
 
@@ -38,7 +39,6 @@ from mfserve.server.batch_compute import (
     top_k_batch,
 )
 from mfserve.server.batching import INLINE_PREDICT_PAIRS, INLINE_RANK_SCORES, Batcher
-from mfserve.server.config import DEFAULT_MAX_BATCH_SIZE
 from mfserve.server.costs import predict_cost, predict_rows, similar_cost, top_k_cost
 from mfserve.server.errors import (
     ServiceError,
@@ -90,7 +90,7 @@ def _rpc(
     async def handler(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
-        # Calls inside the handlers: the batcher delays a dispatch only while others may join.
+        # Calls inside the handlers: a cheap call is computed on the loop only while it is alone.
         self.in_flight += 1
         try:
             return await method(self, request)
@@ -121,10 +121,10 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         self,
         holder: ModelHolder,
         *,
-        max_batch_pairs: int = 100_000,
-        max_k: int = 1_000,
-        executor: Executor | None = None,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batch_pairs: int,
+        max_k: int,
+        executor: Executor | None,
+        max_batch_size: int,
     ) -> None:
         self.holder = holder
         self.max_batch_pairs = max_batch_pairs

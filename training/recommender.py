@@ -1,8 +1,8 @@
 """The in-process model: batched rating prediction, top-k and similar items over a loaded artifact.
 
-The server, ``mfserve evaluate`` and ``mfserve recommend`` all answer through this class and its
-:attr:`Recommender.ranker` (:mod:`mfserve.training.scoring`), so the figures a user measures from
-the outside are the figures training reported.
+The server, ``mfserve evaluate`` and ``mfserve recommend`` all answer through this class, its
+:attr:`Recommender.ranker` and its rating kernel (:mod:`mfserve.training.scoring`), so the figures a
+user measures from the outside are the figures training reported.
 
 Every method takes a batch: index tensors in, tensors out, with no per-item Python loop. Ids are
 mapped to rows with one dict lookup each; -1 marks an id the model does not know.
@@ -10,7 +10,7 @@ mapped to rows with one dict lookup each; -1 marks an id the model does not know
 
 from __future__ import annotations
 
-import functools
+import threading
 from collections.abc import Mapping, Sequence
 from itertools import repeat
 
@@ -29,6 +29,7 @@ from mfserve.training.scoring import (
     choose_ranker,
     ranking_tables,
 )
+from mfserve.training.scoring.ratings import PairKernel, pair_kernel
 
 __all__ = ["UNKNOWN", "RankRequest", "Ranked", "RankedLists", "Recommender"]
 
@@ -45,11 +46,17 @@ class Recommender:
         chunk_size: int = DEFAULT_CHUNK,
         compiled: bool | None = None,
     ) -> None:
-        """``compiled``: whether :attr:`ranker` may use the numba kernel (None: where it can;
-        False: torch only, the reference the tests compare the kernel with)."""
+        """``compiled``: whether ranking and rating may use the numba kernels (None: where they
+        can; False: torch only, the reference the tests compare the kernels with)."""
         self.artifact = artifact
         self.chunk_size = chunk_size
         self._compiled = compiled
+        # The kernels are built on first use (compiling and measuring take a while, and a model
+        # served with an approximate index never needs the exact ranking kernel); the lock makes
+        # two first users build once.
+        self._build_lock = threading.Lock()
+        self._ranker: Ranker | None = None
+        self._rating_kernel: PairKernel | bool | None = False  # False: not built yet
         tensors = artifact.tensors
         self.global_mean = float(artifact.global_mean)
         self.rating_min, self.rating_max = artifact.rating_range
@@ -97,12 +104,39 @@ class Recommender:
         """The ranking head's tables as numpy views (no copies)."""
         return self.exact.tables
 
-    @functools.cached_property
+    @property
     def ranker(self) -> Ranker:
         """The exact ranker this model answers with (:func:`~mfserve.training.scoring.choose_ranker`:
         compiled where numba can serve, else torch), built on first use: the server builds it
         when it loads a version, before the version takes calls."""
-        return choose_ranker(self.exact, compiled=self._compiled)
+        ranker = self._ranker
+        if ranker is None:
+            with self._build_lock:
+                if self._ranker is None:
+                    self._ranker = choose_ranker(self.exact, compiled=self._compiled)
+                ranker = self._ranker
+        return ranker
+
+    def prepare(self, *, ranking: bool = True) -> None:
+        """Build the kernels now (the rating kernel, and the ranker unless ``ranking`` is false),
+        so that no call pays for compiling or measuring them: the server's load does this."""
+        if ranking:
+            self.ranker  # noqa: B018 (the property builds it)
+        self.rating_kernel  # noqa: B018
+
+    @property
+    def rating_kernel(self) -> PairKernel | None:
+        """The compiled rating kernel (None without numba or with ``compiled=False``), built and
+        warmed on first use."""
+        kernel = self._rating_kernel
+        if kernel is False:
+            with self._build_lock:
+                if self._rating_kernel is False:
+                    built = None if self._compiled is False else pair_kernel(self.artifact)
+                    self._rating_kernel = built
+                kernel = self._rating_kernel
+        assert kernel is not True
+        return kernel
 
     def user_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each user id, -1 where unknown."""
@@ -124,22 +158,26 @@ class Recommender:
         """The rows of the items a user rated in training."""
         return torch.from_numpy(self.exact.tables.seen_rows(user_row))
 
-    def seen_rows(self, user_row: int) -> np.ndarray:
-        """The item rows a user rated in training (a numpy view of the CSR arrays, no copy)."""
-        rows: np.ndarray = self.exact.tables.seen_rows(user_row)
-        return rows
-
-    def seen_count(self, user_row: int) -> int:
-        """How many items a user rated in training (numpy, no tensor: the server asks per call)."""
-        return int(self.exact.tables.seen_count(user_row))
-
     # ------------------------------------------------------------- ratings
     def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Predicted ratings for pairs of rows, clipped to the rating range.
+        """Predicted ratings (float32) for pairs of rows, clipped to the rating range.
 
         A row of -1 (unknown id) contributes no factors and no bias: the answer falls back to the
         global mean plus whichever biases are known (the cold-start estimate).
         """
+        return torch.from_numpy(self.predict_rows(users.numpy(), items.numpy()))
+
+    def predict_rows(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """:meth:`predict` over int64 row arrays, as the server calls it: the compiled kernel
+        where there is one (pair by pair, so a rating never depends on its batch), else torch."""
+        kernel = self.rating_kernel
+        if kernel is not None:
+            ratings: np.ndarray = kernel.predict(users, items)
+            return ratings
+        tensor = self._predict_torch(torch.from_numpy(users), torch.from_numpy(items))
+        return tensor.numpy()
+
+    def _predict_torch(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         # index_select gathers rows ~3x faster than advanced indexing; a batch of known rows (the
         # common case: the server refuses unknown ids unless asked) skips the masks. Both paths
         # add in the same order, so a pair gets the same rating whichever path it takes.
@@ -191,9 +229,10 @@ class Recommender:
         self, items: torch.Tensor, k: int, requests: Sequence[RankRequest] | None = None
     ) -> Ranked:
         """Nearest ``k`` items to each query item by cosine similarity (never the item itself)."""
-        return self.exact.similar_tensors(
-            items.tolist(), k, _requests(requests, len(items), _NO_SEEN_RANK)
-        )
+        return [
+            (torch.tensor(rows, dtype=torch.int64), torch.tensor(scores, dtype=torch.float32))
+            for rows, scores in self.similar_items_lists(items, k, requests)
+        ]
 
     def similar_items_lists(
         self,

@@ -26,7 +26,19 @@ pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="the compiled kernels nee
 # ---------------------------------------------------------------------------- the pair kernel
 @pytest.fixture(scope="module")
 def model(synthetic_model: Any) -> Recommender:
-    return Recommender(synthetic_model)
+    return Recommender(synthetic_model, compiled=False)  # torch: the reference
+
+
+def test_the_model_rates_through_the_kernel_unless_told_not_to(synthetic_model: Any) -> None:
+    compiled, plain = Recommender(synthetic_model), Recommender(synthetic_model, compiled=False)
+    assert compiled.rating_kernel is not None and plain.rating_kernel is None
+    users, items = np.arange(20), np.arange(20)[::-1].copy()
+    kernel = pair_kernel(synthetic_model)
+    assert kernel is not None
+    assert compiled.predict_rows(users, items).tolist() == kernel.predict(users, items).tolist()
+    np.testing.assert_allclose(
+        compiled.predict_rows(users, items), plain.predict_rows(users, items), rtol=0, atol=1e-5
+    )
 
 
 def test_kernel_matches_recommender_predict(model: Recommender) -> None:

@@ -60,3 +60,25 @@ def test_known_users_batch_path_matches_the_general_path(synthetic_model: Any) -
         assert exact.top_k(users.tolist(), k, requests) == known
     chunked = Recommender(synthetic_model, chunk_size=synthetic_model.n_items // 3).exact
     assert chunked._top_k_known(users, 5, requests) is None
+
+
+def test_an_unknown_user_gets_the_popularity_order_with_ties_by_item_row(
+    synthetic_model: Any,
+) -> None:
+    # The synthetic model's popularity counts tie a lot (5 ratings a user over 400 items), so an
+    # order that depended on k or on the batch would show here.
+    exact = Recommender(synthetic_model).exact
+    counts = synthetic_model.item_popularity.tolist()
+    want = sorted(range(len(counts)), key=lambda row: (-counts[row], row))
+    deny = RankRequest(exclude=torch.tensor(want[:3]))
+    for k in (3, 10, 50):
+        [(items, scores)] = exact.top_k([-1], k, [RankRequest()])
+        assert items == want[:k]
+        assert scores == sorted(scores, reverse=True)
+        batched = exact.top_k([5, -1, -1], k, [RankRequest(), RankRequest(), deny])
+        assert batched[1] == (items, scores)
+        assert batched[2][0] == want[3 : 3 + k]
+    candidates = RankRequest(candidates=torch.tensor(want[:20][::-1]))
+    for k in (2, 7):
+        [(items, _)] = exact.top_k([-1], k, [candidates])
+        assert items == want[:k]  # an allow-list ranks its ties by item row too

@@ -54,6 +54,9 @@ class ExactRanker:
         self._similarity_scale = 1.0 / norms.clamp_min(NORM_EPS)
         popularity = popularity.to(torch.float32)
         self._popularity_score = popularity / max(float(popularity.sum()), 1.0)
+        # An unknown user's ranking, the same for everyone: most rated first, ties by item row,
+        # so it never depends on k or on the batch.
+        self._popular_order = np.argsort(-popularity.numpy(), kind="stable")
 
     def describe(self) -> str:
         return f"exact torch scan of {self.n_items:,} items"
@@ -155,11 +158,6 @@ class ExactRanker:
     ) -> RankedLists:
         return self._similar(items, k, requests).lists()
 
-    def similar_tensors(
-        self, items: Sequence[int], k: int, requests: Sequence[RankRequest] | None = None
-    ) -> Ranked:
-        return self._similar(items, k, requests).tensors()
-
     def _similar(
         self, items: Sequence[int], k: int, requests: Sequence[RankRequest] | None
     ) -> Ranking:
@@ -196,9 +194,13 @@ class ExactRanker:
     ) -> Ranking:
         batch = len(requests)
         singles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Rows with an allow-list score only their candidates; the rest share chunked full scans.
+        # Rows with an allow-list score only their candidates, unknown users read the popularity
+        # order; the rest share chunked full scans.
         for row, request in enumerate(requests):
-            if request.candidates is not None:
+            popular = popular_rows is not None and bool(popular_rows[row])
+            if request.candidates is None and popular:
+                singles[row] = self._most_popular(k, request)
+            elif request.candidates is not None:
                 singles[row] = self._rank_candidates(
                     query[row],
                     key_bias=key_bias,
@@ -207,7 +209,7 @@ class ExactRanker:
                     k=k,
                     request=request,
                     seen_user=None if seen_users is None else int(seen_users[row]),
-                    popular=popular_rows is not None and bool(popular_rows[row]),
+                    popular=popular,
                     self_item=None if self_items is None else int(self_items[row]),
                 )
         if not singles:  # the common case: no row selection, no copies
@@ -221,7 +223,6 @@ class ExactRanker:
                 query = query[torch.from_numpy(pick)]
                 offset = None if offset is None else offset[torch.from_numpy(pick)]
                 seen_users = None if seen_users is None else seen_users[pick]
-                popular_rows = None if popular_rows is None else popular_rows[pick]
                 self_items = None if self_items is None else self_items[pick]
         if not full_rows:
             empty = torch.empty(0, 0)
@@ -233,8 +234,6 @@ class ExactRanker:
             self.tables.seen_indptr,
             self.tables.seen_indices,
         )
-        if popular_rows is not None and not popular_rows.any():
-            popular_rows = None
         scores, indices = chunked_topk(
             query,
             self._keys,
@@ -244,8 +243,6 @@ class ExactRanker:
             k=k,
             banned_rows=banned_rows,
             banned_cols=banned_cols,
-            popular=None if popular_rows is None else torch.from_numpy(popular_rows),
-            popularity_score=self._popularity_score,
             chunk_size=self.chunk_size,
         )
         return Ranking(batch, full_rows, scores, indices, singles)
@@ -282,5 +279,18 @@ class ExactRanker:
         if self_item is not None:
             drop |= candidates == self_item
         candidates, scores = candidates[~drop], scores[~drop]
-        top = torch.topk(scores, min(k, candidates.numel()))
-        return candidates[top.indices], top.values
+        # A stable sort, not topk: candidates are in row order, so tied scores (popularity counts
+        # often tie) rank by item row whatever k the batch asked for.
+        ranked = torch.sort(scores, descending=True, stable=True)
+        keep = ranked.indices[: min(k, candidates.numel())]
+        return candidates[keep], ranked.values[: keep.numel()]
+
+    def _most_popular(self, k: int, request: RankRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """An unknown user's best ``k``: the popularity order without the deny-list."""
+        order = self._popular_order
+        if request.exclude is not None and request.exclude.numel():
+            denied = request.exclude.numpy()
+            head = order[: k + denied.size]
+            order = head[~np.isin(head, denied)]
+        rows = torch.from_numpy(order[:k].copy())
+        return rows, self._popularity_score[rows]

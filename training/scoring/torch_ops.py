@@ -85,13 +85,11 @@ def chunked_topk(
     k: int,
     banned_rows: np.ndarray,
     banned_cols: np.ndarray,
-    popular: torch.Tensor | None,
-    popularity_score: torch.Tensor,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best ``k`` keys per query row, scoring ``chunk_size`` keys per matrix product.
 
-    ``popular`` rows get ``popularity_score`` instead of their products; banned pairs score -inf.
+    Banned pairs score -inf.
     """
     n_keys = keys.shape[0]
     one_chunk = n_keys <= chunk_size
@@ -107,8 +105,6 @@ def chunked_topk(
             scores += key_bias if one_chunk else key_bias[start:stop]
         if offset is not None:
             scores += offset.unsqueeze(1)
-        if popular is not None:
-            scores[popular] = popularity_score[start:stop]
         if banned_cols.size:
             if one_chunk:
                 rows, cols = banned_rows, banned_cols
