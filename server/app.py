@@ -9,7 +9,7 @@ construction path and differ only in how they run it. The pieces it wires togeth
 * ``ModelHolder``: the swappable model (hot reload swaps it; health follows every swap),
 * ``RecommenderService``: the servicer,
 * the standard ``grpc.health.v1`` service (NOT_SERVING until a model is loaded) and reflection,
-* interceptors (access log today; metrics and auth later),
+* interceptors (the access log),
 * channel options: message size limits, the concurrent-RPC limit and ``SO_REUSEPORT`` (off unless
   asked for, so two servers never silently share a port; ``--workers N`` turns it on in its
   worker processes, see ``mfserve.server.workers``),

@@ -11,8 +11,7 @@ Policy ("opportunistic", like Triton's dynamic batcher but without making a lone
   finishes, everything queued (up to ``max_batch_size``) is dispatched at once as the next batch.
 * When nothing is computing, a new call is dispatched on the next event-loop turn, so calls that
   arrived in the same turn share its batch but a lone call never waits for company. (A queue
-  delay, Triton's ``max_queue_delay_microseconds``, was measured here and gained nothing:
-  docs/benchmarks.md.)
+  delay, Triton's ``max_queue_delay_microseconds``, gains nothing here: docs/serving.md.)
 
 Everything here runs on the event-loop thread except the compute function, which runs on the
 executor (torch releases the GIL inside matmul and top-k). Results come back with one

@@ -1,7 +1,11 @@
 """What one call costs, for the batcher's rule that a lone cheap call is computed on the event loop
 (:data:`mfserve.server.batching.INLINE_RANK_SCORES`): pairs for Predict, item scores (or index
-distances) for TopK and SimilarItems. The ranker says how much work a query is
-(``Ranker.visits``); what counts as cheap is the server's business, so it lives here."""
+distances) for TopK and SimilarItems.
+
+The ranker knows how much work its query is (``Ranker.visits``: an HNSW walk widened by a heavy
+user's exclusions costs more than a light one's), since that depends on how it ranks; what counts
+as cheap enough for the loop is the server's business, so the rule lives here. SimilarItems is
+always the exact scan (or its allow-list), whatever ranks TopK."""
 
 from __future__ import annotations
 

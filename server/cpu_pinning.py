@@ -4,9 +4,9 @@ Why: a gRPC call crosses threads inside the server several times (gRPC's poller 
 to the event loop, the loop may hand a batch to the compute thread, and back). On a virtual
 machine a wake-up that lands on another CPU waits for the hypervisor to run that CPU, while one
 on the same CPU is a plain switch. ``python -m benchmarks.thread_hop`` measured one trip to a
-thread and back at ~130 us across this 2-CPU VM's CPUs and ~20-30 us with both threads on one
-CPU, and the 1M-item approximate TopK at concurrency 1 went from 1.38 to 1.13 ms p50 (numbers in
-docs/benchmarks.md).
+thread and back at 138.4 us across this 2-CPU VM's CPUs and 26-33 us with both threads on one
+CPU; the 1M-item approximate TopK at concurrency 1 takes 0.903-1.210 ms p50 pinned against
+1.045-1.241 ms unpinned (docs/benchmarks.md).
 
 The price: a pinned process uses one core. Its compute threads share that core with the event
 loop, so a single pinned process gives up the second core that batches of large TopK scans can

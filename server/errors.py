@@ -22,6 +22,22 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+__all__ = [
+    "MAX_DETAIL_ID_CHARS",
+    "MAX_NAMED_IDS",
+    "ServiceError",
+    "UnknownId",
+    "abort",
+    "internal",
+    "invalid_argument",
+    "invalid_fields",
+    "malformed",
+    "not_found",
+    "resource_type",
+    "show",
+    "unavailable",
+]
+
 # How many unknown ids a NOT_FOUND message and its detail name; the rest are only counted, so a
 # batch of 100,000 unknown ids cannot make a 2 MB error message.
 MAX_NAMED_IDS = 5
@@ -170,22 +186,6 @@ def unavailable(message: str) -> ServiceError:
 
 def internal(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, message)
-
-
-__all__ = [
-    "MAX_DETAIL_ID_CHARS",
-    "MAX_NAMED_IDS",
-    "ServiceError",
-    "UnknownId",
-    "abort",
-    "internal",
-    "invalid_argument",
-    "invalid_fields",
-    "not_found",
-    "resource_type",
-    "show",
-    "unavailable",
-]
 
 
 def malformed(request_class: Any, error: DecodeError) -> ServiceError:

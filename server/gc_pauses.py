@@ -2,8 +2,8 @@
 
 A serving process holds a few hundred thousand long-lived objects (torch, numba and faiss modules,
 the model's tables), and every full collection walks them all with the event loop stopped:
-50-120 ms a pass on this project's 2-core host (docs/benchmarks.md). ``serve()`` therefore freezes everything loaded at startup
-(``gc.freeze()``, as the multi-worker parent does before forking), so collections only walk what
+91-117 ms a pass on this project's 2-core host (docs/benchmarks.md). ``serve()`` therefore
+freezes everything loaded at startup (``gc.freeze()``, as the multi-worker parent does before forking), so collections only walk what
 was allocated since. This module measures the result: each collection's generation and wall time,
 summed per generation, for one log line at shutdown.
 """

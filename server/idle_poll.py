@@ -3,8 +3,8 @@
 On a virtual machine an idle CPU halts, and the hypervisor takes the physical core back; the next
 network packet or thread wake-up then waits for the host to schedule the virtual CPU again. On
 this project's 2-core VM that costs about half a millisecond per round trip: the empty gRPC
-handler answers a lone call in ~0.65-0.95 ms, and in ~0.43-0.51 ms while every CPU is kept busy
-(docs/benchmarks.md). Kernels offer the same trade as ``idle=poll`` or the ``haltpoll`` cpuidle
+handler answers a lone call in 0.684-0.956 ms, and in 0.586-0.695 ms while every CPU is kept busy
+(docs/benchmarks.md, the 1M-item runs' floor). Kernels offer the same trade as ``idle=poll`` or the ``haltpoll`` cpuidle
 driver; a server process cannot spin itself (its Python threads share one GIL), so this starts
 one small process per CPU that spins at ``SCHED_IDLE`` priority: it runs only when nothing else
 wants that CPU and is preempted at once when anything else does, so it costs other work almost

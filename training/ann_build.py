@@ -1,9 +1,8 @@
 """Building an approximate index over a version's ranking head, and measuring its recall.
 
 The index itself (search, exclusions, the server's path) is :mod:`mfserve.training.scoring.ann`;
-storing it
-beside a version is :mod:`mfserve.training.ann_store`; the HNSW graph's memory layout is
-:mod:`mfserve.training.ann_layout`.
+storing it beside a version is :mod:`mfserve.training.ann_store`; the HNSW graph's memory layout
+is :mod:`mfserve.training.ann_layout`.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ SAMPLES: dict[str, tuple[list[str], dict[str, object]]] = {
     "--torch-threads": (["2"], {"torch_threads": 2}),
     "--access-log": ([], {"access_log": True}),
 }
-# Benchmark-only knobs taken out (docs/serving.md says why), and the subcommand that went with them.
+# Benchmark-only knobs that are not flags (docs/serving.md says why none is shipped).
 REMOVED = ["--lone-torch-threads", "--predict-on-loop-pairs", "--max-queue-delay-us"]
 
 

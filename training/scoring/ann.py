@@ -156,9 +156,8 @@ class AnnIndex:
         skip: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """faiss's answer for un-augmented queries [B, d]: float32 scores and int64 rows [B, fetch],
-        rows -1 where the index found fewer, leaving out the rows in ``skip``. numpy throughout: a
-        lone query's bookkeeping in torch cost more than the search itself (measured on 1M x 64,
-        docs/benchmarks.md)."""
+        rows -1 where the index found fewer, leaving out the rows in ``skip``. numpy throughout: on
+        1M x 64 a lone query's bookkeeping in torch cost more than the search itself."""
         batch, dim = queries.shape
         if self.augmented:
             x = np.empty((batch, dim + 1), dtype=np.float32)

@@ -99,7 +99,9 @@ class Ranker(Protocol):
         ...
 
     def visits(self, user: int, request: RankRequest) -> int:
-        """About how many item scores (or index distances) one TopK query computes."""
+        """An upper bound on the item scores (or index distances) one TopK query computes, which
+        the server's batcher compares with what it computes on the event loop. A pruned scan
+        usually stops far earlier, but only the bound is known before the call."""
         ...
 
     def describe(self) -> str:
