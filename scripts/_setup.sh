@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 wanted="${1:?usage: scripts/_setup.sh EXTRA[,EXTRA...]}"
 stamp=.venv/.mfserve-extras
 # A changed pyproject.toml (new dependencies) invalidates everything the stamp says.
-key="pyproject $(sha256sum pyproject.toml | cut -c1-16)"
+# (Hashed by python3, which the venv needs anyway: sha256sum is not on every system.)
+key="pyproject $(python3 -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest()[:16])')"
 
 have=""
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$key" ]; then
