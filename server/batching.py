@@ -100,7 +100,10 @@ class BatchStats:
         return self.batches - self.inline
 
 
-Entry = tuple[Model, Any, "asyncio.Future[Any]"]
+# (model, payload, the call's future, when it was queued: perf_counter, or 0.0 without observe)
+Entry = tuple[Model, Any, "asyncio.Future[Any]", float]
+# observe(calls in the batch, each call's seconds from submit to its batch's compute start)
+Observe = Callable[[int, list[float]], None]
 
 
 class Batcher(Generic[P, R]):
@@ -133,6 +136,8 @@ class Batcher(Generic[P, R]):
         # A lone call costing at most inline_limit (None: never) is computed on the loop (module doc).
         self._cost = cost
         self.inline_limit = inline_limit  # an attribute, so tests can force the executor
+        # Called once per batch when set (server/metrics.py); None costs one test per batch.
+        self.observe: Observe | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[Entry] = []
         self._running = False  # a batch is computing
@@ -164,11 +169,11 @@ class Batcher(Generic[P, R]):
         self.stats.calls += 1
         if not self._running and not pending and self._inline(loop, model, payload):
             # A cheap call nobody could join: answered right here.
-            batch = [(model, payload, future)]
+            batch = [(model, payload, future, 0.0)]
             self._count(batch, inline=True)
             self._complete(batch, self._run(model, [payload]))
             return future
-        pending.append((model, payload, future))
+        pending.append((model, payload, future, time.perf_counter() if self.observe else 0.0))
         if not self._running:
             if len(pending) >= self._max_batch:
                 self._dispatch()
@@ -232,6 +237,13 @@ class Batcher(Generic[P, R]):
         stats.max_batch = max(stats.max_batch, size)
         if inline:
             stats.inline += 1
+            if self.observe is not None:  # computed right now
+                self._observe(batch, time.perf_counter())
+
+    def _observe(self, batch: list[Entry], started: float) -> None:
+        assert self.observe is not None
+        # 0.0: a lone call computed in submit, which never queued.
+        self.observe(len(batch), [started - entry[3] if entry[3] else 0.0 for entry in batch])
 
     def _take(self, pending: list[Entry]) -> tuple[list[Entry], list[Entry]]:
         """The next batch: live calls of the first live call's model, within the size limits."""
@@ -275,6 +287,8 @@ class Batcher(Generic[P, R]):
             stats.compute_s += compute
             stats.compute_cpu_s += cpu
             stats.return_wait_s += time.perf_counter() - finished
+            if self.observe is not None:
+                self._observe(batch, finished - compute)
         except BaseException as exc:  # cancelled by executor shutdown
             error = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
             outcome = _failed(len(batch), error)
@@ -286,7 +300,7 @@ class Batcher(Generic[P, R]):
         if fell_back:
             self.stats.fallbacks += 1
         self.stats.errors += len(errors)
-        for position, (_, _, future) in enumerate(batch):
+        for position, (_, _, future, _) in enumerate(batch):
             if future.done():  # cancelled while computing: the answer is discarded
                 continue
             if errors and position in errors:

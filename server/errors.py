@@ -22,6 +22,8 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from mfserve.server.metrics import count_unknown
+
 __all__ = [
     "MAX_DETAIL_ID_CHARS",
     "MAX_NAMED_IDS",
@@ -165,6 +167,7 @@ def not_found(
         if not ids:
             continue
         count = (total or {}).get(field, len(ids))
+        count_unknown(field, count)  # every NOT_FOUND for unknown ids is built here
         named = ", ".join(show(i) for i in ids[:MAX_NAMED_IDS])
         more = f" and {count - MAX_NAMED_IDS} more" if count > MAX_NAMED_IDS else ""
         text = (
