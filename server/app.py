@@ -34,11 +34,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from mfserve.server import metrics
 from mfserve.server.config import ServerConfig
 from mfserve.server.cpu_pinning import pin_process
 from mfserve.server.gc_pauses import GcPauses
 from mfserve.server.idle_poll import IdlePoll
-from mfserve.server.interceptors import AccessLogInterceptor
+from mfserve.server.interceptors import AccessLogInterceptor, MetricsInterceptor
 from mfserve.server.model_holder import ModelHolder, ModelSource, describe
 from mfserve.server.registration import add_to_server
 from mfserve.server.service import SERVICE_NAME, RecommenderService
@@ -92,6 +93,14 @@ class RecommenderServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         holder.add_listener(self._on_swap)
+        self.metrics_port: int | None = None  # /metrics, once bound (config.metrics_port)
+        self._metrics: metrics.Exporter | None = None
+        if config.metrics_port:
+            metrics.enable()
+            holder.add_listener(metrics.on_swap)
+            metrics.on_swap(holder.current)
+            for batcher in self.service.batchers.values():
+                batcher.observe = metrics.batch_observer(batcher.name)
 
     @property
     def address(self) -> str:
@@ -109,7 +118,11 @@ class RecommenderServer:
         config = self.config
         if config.ann != "none":
             set_faiss_threads(1)  # lone ANN calls are computed on this (the loop's) thread
-        interceptors = [AccessLogInterceptor()] if config.access_log else []
+        interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        if config.metrics_port:
+            interceptors.append(MetricsInterceptor(SERVICE_NAME))
+        if config.access_log:
+            interceptors.append(AccessLogInterceptor())
         # grpc.aio.server binds to the running loop, so it is built here rather than in __init__.
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -129,6 +142,16 @@ class RecommenderServer:
         if port == 0:  # older grpc versions return 0 instead of raising
             await server.stop(None)
             raise BindError(f"mfserve: cannot bind {config.address()}")
+        # A --workers worker leaves /metrics to its parent, which aggregates all of them.
+        if config.metrics_port and metrics.serves_here():
+            try:
+                self._metrics = metrics.start_http(config.host, config.metrics_port)
+            except OSError as exc:
+                await server.stop(None)
+                where = config.address(config.metrics_port)
+                raise BindError(f"mfserve: cannot bind metrics on {where}: {exc}") from exc
+            self.metrics_port = self._metrics.port
+            log.info("mfserve: metrics on %s", config.address(self.metrics_port))
         await self._publish_health()
         await server.start()
         self._server, self.port = server, port
@@ -152,6 +175,8 @@ class RecommenderServer:
         # Load balancers watching health stop routing here before the listener closes.
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         for name, batcher in self.service.batchers.items():

@@ -103,6 +103,8 @@ class ServerConfig:
     # --- network ---
     host: str = _option("127.0.0.1", "address to listen on; 0.0.0.0: every interface", "network")
     port: int = _option(50051, "port; 0 binds a free one, which the start line logs", "network")
+    # Bound on --host, like gRPC; the series: docs/serving.md ("Metrics").
+    metrics_port: int = _option(0, "Prometheus /metrics HTTP port; 0: off", "network")
     grace_seconds: float = _option(
         5.0,
         "on SIGTERM or SIGINT, how long in-flight calls may take to finish",
@@ -183,6 +185,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         rules: dict[str, tuple[bool, str]] = {
             "port": (0 <= self.port <= 65535, "0 to 65535"),
+            "metrics_port": (0 <= self.metrics_port <= 65535, "0 to 65535"),
             "max_batch_pairs": (self.max_batch_pairs >= 1, "at least 1"),
             "max_k": (self.max_k >= 1, "at least 1"),
             "max_concurrent_rpcs": (

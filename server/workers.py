@@ -36,6 +36,7 @@ import time
 from dataclasses import replace
 from types import FrameType
 
+from mfserve.server import metrics
 from mfserve.server.app import (
     BindError,
     ServerConfig,
@@ -83,6 +84,9 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
     reserved = reserve_port(config.host, config.port)
     port = reserved.getsockname()[1]
     try:
+        if config.metrics_port:  # before any metric exists: the workers write to shared files
+            metrics.prepare_multiprocess()
+            metrics.enable()
         # One thread while loading: torch ops here must not start an OpenMP pool before fork.
         set_torch_threads(1)
         gc.disable()  # nothing to collect while loading; avoids pointless full passes
@@ -97,6 +101,7 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
         return _Supervisor(worker_config, model, count, reserved).run()
     finally:
         reserved.close()
+        metrics.cleanup_multiprocess()
 
 
 class _Supervisor:
@@ -132,6 +137,7 @@ class _Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         if self._wait_ready(ready):
             self.reserved.close()  # every worker holds the port now
+            self._start_metrics()
             pids = ", ".join(str(pid) for pid in self.pids)
             log.info(
                 "mfserve: %d workers ready on %s (pids %s)",
@@ -140,6 +146,20 @@ class _Supervisor:
                 pids,
             )
         return self._reap()
+
+    def _start_metrics(self) -> None:
+        """Serve the workers' aggregated metrics from here (after the forks: no worker inherits
+        the listening socket)."""
+        if not self.config.metrics_port:
+            return
+        try:
+            exporter = metrics.start_http(
+                self.config.host, self.config.metrics_port, lambda: dict(self.pids)
+            )
+        except OSError as exc:
+            self._stop_all(f"cannot bind metrics on port {self.config.metrics_port}: {exc}")
+            return
+        log.info("mfserve: metrics on %s", self.config.address(exporter.port))
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -182,6 +202,7 @@ class _Supervisor:
             number = self.pids.pop(pid, None)
             if number is None:
                 continue
+            metrics.worker_exited(pid)  # here, not in the worker: a crashed one counts too
             code = os.waitstatus_to_exitcode(status)
             codes.append(code)
             if code != 0 or not self.stopping:
