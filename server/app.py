@@ -40,6 +40,7 @@ from mfserve.server.cpu_pinning import pin_process
 from mfserve.server.gc_pauses import GcPauses
 from mfserve.server.idle_poll import IdlePoll
 from mfserve.server.interceptors import AccessLogInterceptor, MetricsInterceptor
+from mfserve.server.log_format import model_fields
 from mfserve.server.model_holder import ModelHolder, ModelSource, describe
 from mfserve.server.registration import add_to_server
 from mfserve.server.service import SERVICE_NAME, RecommenderService
@@ -155,7 +156,13 @@ class RecommenderServer:
         await self._publish_health()
         await server.start()
         self._server, self.port = server, port
-        log.info("mfserve: serving %s on %s", describe(self.holder.current), self.address)
+        current = self.holder.current
+        log.info(
+            "mfserve: serving %s on %s",
+            describe(current),
+            self.address,
+            extra=model_fields(current),
+        )
         return port
 
     async def load(self, path: str | os.PathLike[str]) -> Recommender:

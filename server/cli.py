@@ -4,16 +4,29 @@ The flags are generated from ``ServerConfig``'s fields (``mfserve.server.config`
 nothing heavy), so the ``mfserve`` dispatcher (``mfserve.client._cli``) can build its full
 ``--help`` on a client-only install, and a bad value is an argparse error before grpc and torch
 load. The handler ``run_serve`` imports the server when it runs.
+
+Every option also comes from an environment variable and a TOML file (``--config``), with the
+precedence flag > env > file > default (``mfserve.server.config_sources``); a bad value there
+exits 2 naming its source, as argparse does for a bad flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
-from mfserve.server.config import add_server_flags, config_from_args, flag_groups
+from mfserve.server.config import add_server_flags, flag_groups
+from mfserve.server.config_sources import (
+    SourceError,
+    defer_defaults,
+    render,
+    resolve,
+    server_config,
+)
+from mfserve.server.log_format import LOG_FORMATS, json_handler
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -34,6 +47,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ),
         epilog="docs/serving.md explains every flag, with the figures behind the tuning ones.",
     )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of settings named after the flags (max_k = 500), also from "
+        "MFSERVE_CONFIG; flags and MFSERVE_* variables (MFSERVE_MAX_K) override it",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings and where each came from, then exit",
+    )
     groups = flag_groups(parser)
     groups["model"].add_argument(
         "--model",
@@ -50,6 +74,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         type=str.upper,
         help="logging threshold (default: INFO)",
     )
+    groups["logging"].add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one JSON object per line (default: text)",
+    )
+    defer_defaults(parser)
     # `handler` is what the dispatchers call; `func` is the common argparse idiom, set for either.
     parser.set_defaults(handler=run_serve, func=run_serve)
     return parser
@@ -57,10 +88,30 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``mfserve serve``: build the config, load the model, serve until a signal."""
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("mfserve").setLevel(args.log_level)
+    try:
+        settings = resolve(args, os.environ)
+        config = server_config(settings)
+    except SourceError as exc:
+        print(f"mfserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", False):
+        print(render(settings))
+        return 0
+    model_path = settings["model"].value
+    if not model_path:
+        print(
+            "mfserve serve: error: no model: give --model, MFSERVE_MODEL or model in --config",
+            file=sys.stderr,
+        )
+        return 2
+    level = settings["log_level"].value
+    if settings["log_format"].value == "json":
+        logging.basicConfig(level=level, handlers=[json_handler(sys.stderr)])
+        logging.captureWarnings(True)  # a warning would otherwise be the one line not JSON
+    else:
+        logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("mfserve").setLevel(level)
     log = logging.getLogger("mfserve.server")
-    config = config_from_args(args)  # every value was checked while parsing
     try:
         from mfserve.server.app import BindError, serve
         from mfserve.server.idle_poll import IdlePollError
@@ -73,10 +124,10 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        code: int = serve(config, args.model)
+        code: int = serve(config, model_path)
         return code
     except IdlePollError as exc:
-        print(f"mfserve serve: {exc}", file=sys.stderr)
+        log.error("mfserve serve: %s", exc)
         return 2
     except ArtifactError as exc:
         log.error("mfserve: cannot load the model: %s", exc)

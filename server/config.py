@@ -46,11 +46,13 @@ def _option(
     shown: str | None = None,
     choices: tuple[str, ...] | None = None,
     optional_value: str | None = None,
+    flag_value: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A ``ServerConfig`` field and its flag. ``flag``: the flag's name when it is not the field's
     (several fields may share one flag; "" for a field with no flag); ``parse``: the flag's text to
     the field's value; ``shown``: the default as ``--help`` writes it; ``optional_value``: what the
-    flag given alone means."""
+    flag given alone means; ``flag_value``: the field's value as the flag writes it, for
+    ``--print-config`` (None: the flag cannot spell it)."""
     metadata = {
         "help": help,
         "group": group,
@@ -60,6 +62,7 @@ def _option(
         "shown": shown,
         "choices": choices,
         "optional_value": optional_value,
+        "flag_value": flag_value,
     }
     return field(default=default, metadata=metadata)
 
@@ -126,6 +129,7 @@ class ServerConfig:
         "calls served at once; more get RESOURCE_EXHAUSTED; 0: unbounded",
         "limits",
         parse=_zero_unbounded,
+        flag_value=lambda value: value or 0,
     )
     # 100,000 pairs of 36-character ids are ~8 MB on the wire; 64 MiB leaves ample headroom while
     # still bounding what one call can make the server buffer. One flag sets both directions.
@@ -137,6 +141,7 @@ class ServerConfig:
         metavar="MB",
         parse=_mebibytes,
         shown="64",
+        flag_value=lambda value: value // MiB,
     )
     max_send_message_bytes: int = _option(64 * MiB, "", "limits", flag="--max-message-mb")
     # --- performance tuning ---
@@ -155,6 +160,7 @@ class ServerConfig:
         parse=parse_cpu_list,
         shown="off",
         optional_value="auto",
+        flag_value=lambda cpus: ",".join(map(str, cpus)) or None,
     )
     idle_poll: bool = _option(
         False,
@@ -299,9 +305,11 @@ def _metavar(kind: type, flag: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The ``ServerConfig`` that parsed ``mfserve serve`` flags describe."""
+    """The ``ServerConfig`` that parsed ``mfserve serve`` flags describe; a flag missing from
+    ``args`` (the CLI's parser suppresses defaults, see ``config_sources``) keeps its default."""
+    defaults = ServerConfig()
     values = {
-        spec.name: getattr(args, specs[0].name)
+        spec.name: getattr(args, specs[0].name, getattr(defaults, specs[0].name))
         for specs in flag_fields().values()
         for spec in specs
     }

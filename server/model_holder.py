@@ -32,6 +32,7 @@ from typing import Union
 import numpy as np
 
 from mfserve.server.batch_decode import BatchDecoder, batch_decoder
+from mfserve.server.log_format import model_fields
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import Recommender
@@ -70,7 +71,12 @@ def serving_model(recommender: Recommender, ann: ApproximateRanker | None = None
     # With an approximate index the index answers known users: no exact kernel to build.
     recommender.prepare(ranking=ann is None)
     ranker: Ranker = ann if ann is not None else recommender.ranker
-    log.info("mfserve: TopK for %s: %s", describe(recommender), ranker.describe())
+    log.info(
+        "mfserve: TopK for %s: %s",
+        describe(recommender),
+        ranker.describe(),
+        extra=model_fields(recommender),
+    )
     return ServingModel(recommender, ranker, decoder)
 
 
@@ -210,7 +216,10 @@ class ModelHolder:
             self._swap(serving)
         recommender = serving.recommender
         log.info(
-            "mfserve: loaded %s from %s", describe(recommender), recommender.artifact.path or path
+            "mfserve: loaded %s from %s",
+            describe(recommender),
+            recommender.artifact.path or path,
+            extra=model_fields(recommender),
         )
         return recommender
 

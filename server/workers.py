@@ -45,6 +45,7 @@ from mfserve.server.app import (
     run_until_signal,
 )
 from mfserve.server.cpu_pinning import cpu_for_worker, pin_process
+from mfserve.server.log_format import JsonFormatter, model_fields
 from mfserve.server.model_holder import ModelHolder, ServingModel, describe
 from mfserve.server.threads import set_torch_threads
 
@@ -94,7 +95,13 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
         # (faiss searches only read it), instead of one private copy per worker.
         holder = ModelHolder(ann=config.ann, ann_search=config.ann_search())
         model = holder.prepare(model_path) if model_path is not None else None
-        log.info("mfserve: loaded %s; starting %d workers on port %d", describe(model), count, port)
+        log.info(
+            "mfserve: loaded %s; starting %d workers on port %d",
+            describe(model),
+            count,
+            port,
+            extra=model_fields(model),
+        )
         gc.freeze()  # everything loaded moves to the permanent generation: never scanned again
         gc.enable()
         worker_config = replace(config, port=port, so_reuseport=True)
@@ -144,6 +151,7 @@ class _Supervisor:
                 self.count,
                 self.config.address(),
                 pids,
+                extra=model_fields(self.model),
             )
         return self._reap()
 
@@ -264,6 +272,9 @@ def _tag_log_lines(number: int) -> None:
     tag = f"[worker {number} pid {os.getpid()}] "
     for handler in logging.getLogger().handlers:
         formatter = handler.formatter or logging.Formatter()
+        if isinstance(formatter, JsonFormatter):  # fields, not a prefix, keep each line JSON
+            handler.setFormatter(formatter.with_fields(worker=number, pid=os.getpid()))
+            continue
         fmt = formatter._fmt or "%(message)s"
         if "%(message)s" in fmt:
             handler.setFormatter(logging.Formatter(fmt.replace("%(message)s", tag + "%(message)s")))
