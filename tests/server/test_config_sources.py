@@ -151,7 +151,7 @@ def test_a_missing_file_and_a_missing_model_exit_2(tmp_path: Path) -> None:
 def test_the_config_file_serves(tmp_path: Path, model_dir: Path) -> None:
     config = write(
         tmp_path / "serve.toml",
-        f'[serve]\nmodel = "{model_dir}"\nport = 0\nmax_k = 3\ngrace = 1\npoll_seconds = 0\n',
+        f'[serve]\nmodel = "{model_dir}"\nport = 0\nmax_k = 3\ngrace = 1\n',
     )
     proc = subprocess.Popen(
         [*SERVE, "--config", str(config)],
