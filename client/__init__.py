@@ -38,6 +38,7 @@ from ._models import (
     ModelInfo,
     Prediction,
     Recommendation,
+    ReloadResult,
     TopKResult,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "Prediction",
     "Recommendation",
     "RecommenderClient",
+    "ReloadResult",
     "ResourceExhaustedError",
     "RetryPolicy",
     "RpcError",

@@ -21,6 +21,7 @@ from ._models import (
     HealthStatus,
     ModelInfo,
     Prediction,
+    ReloadResult,
     TopKResult,
     batch_prediction,
 )
@@ -145,6 +146,12 @@ class AsyncRecommenderClient(BaseClient[grpc.aio.Channel]):
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """See :meth:`RecommenderClient.model_info`."""
         return await self._send(self._model_info(timeout))
+
+    async def reload_model(
+        self, version: int | None = None, *, timeout: float | None = None
+    ) -> ReloadResult:
+        """See :meth:`RecommenderClient.reload_model`."""
+        return await self._send(self._reload_model(version, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """See :meth:`RecommenderClient.health`."""

@@ -29,7 +29,7 @@ from ._config import (
     client_settings,
 )
 from ._exceptions import MfserveError
-from ._models import HealthStatus, ModelInfo, Prediction, TopKResult
+from ._models import HealthStatus, ModelInfo, Prediction, ReloadResult, TopKResult
 from ._requests import IdsLike, ids_list
 
 ChannelT = TypeVar("ChannelT", grpc.Channel, grpc.aio.Channel)
@@ -199,6 +199,10 @@ class BaseClient(Generic[ChannelT]):
     def _model_info(self, timeout: float | None) -> Call[ModelInfo]:
         request = pb.GetModelInfoRequest()
         return Call(self._stub.GetModelInfo, request, self._timeout(timeout), _models.model_info)
+
+    def _reload_model(self, version: int | None, timeout: float | None) -> Call[ReloadResult]:
+        request = pb.ReloadModelRequest(version=version or 0)
+        return Call(self._stub.ReloadModel, request, self._timeout(timeout), _models.reload_result)
 
     def _health(self, service: str, timeout: float | None) -> Call[HealthStatus]:
         request = _protos.HealthCheckRequest(service=service)

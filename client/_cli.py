@@ -335,7 +335,8 @@ def _info(args: argparse.Namespace) -> int:
         if isinstance(value, dict):
             pairs.extend((f"{name}.{key}", inner) for key, inner in value.items())
         else:
-            pairs.append((name, value))
+            # "-" for a field with nothing in it (no reload tried yet, say): a row is never blank.
+            pairs.append((name, "-" if value is None or value == "" else value))
     print(_render.fields_table(pairs))
     return 0
 

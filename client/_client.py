@@ -18,6 +18,7 @@ from ._models import (
     HealthStatus,
     ModelInfo,
     Prediction,
+    ReloadResult,
     TopKResult,
     batch_prediction,
 )
@@ -176,6 +177,15 @@ class RecommenderClient(BaseClient[grpc.Channel]):
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the model the server is serving."""
         return self._send(self._model_info(timeout))
+
+    def reload_model(
+        self, version: int | None = None, *, timeout: float | None = None
+    ) -> ReloadResult:
+        """Hot-reload the served model now: ``version`` (default: the newest in its folder) is
+        loaded, verified and swapped in. Raises ``NotFoundError`` for a version the folder does
+        not hold, and ``RpcError`` with code ``FAILED_PRECONDITION`` when it is refused (the
+        message says why; the version served before keeps serving)."""
+        return self._send(self._reload_model(version, timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The server's ``grpc.health.v1`` status for ``service`` ("" = the whole server).

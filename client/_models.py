@@ -154,6 +154,19 @@ class ModelInfo:
     dataset_fingerprint: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    # The last hot-reload attempt (None / 0 / "" before the first): when it ended, the version it
+    # tried, and why it was refused ("" when it succeeded).
+    last_reload_time: datetime | None = None
+    last_reload_version: int = 0
+    last_reload_error: str = ""
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What ``reload_model`` did: the version serving now, and whether it changed."""
+
+    model_version: int
+    changed: bool
 
 
 # --------------------------------------------------------------------------- from protobuf
@@ -236,7 +249,18 @@ def model_info(response: Any) -> ModelInfo:
         dataset_fingerprint=str(response.dataset_fingerprint),
         metrics={str(k): float(v) for k, v in sorted(response.metrics.items())},
         hyperparameters={str(k): str(v) for k, v in sorted(response.hyperparameters.items())},
+        last_reload_time=(
+            response.last_reload_time.ToDatetime(tzinfo=timezone.utc)
+            if response.HasField("last_reload_time")
+            else None
+        ),
+        last_reload_version=int(response.last_reload_version),
+        last_reload_error=str(response.last_reload_error),
     )
+
+
+def reload_result(response: Any) -> ReloadResult:
+    return ReloadResult(model_version=int(response.model_version), changed=bool(response.changed))
 
 
 def health_status(response: Any) -> HealthStatus:

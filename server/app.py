@@ -7,6 +7,8 @@ it is imported here too, so ``from mfserve.server.app import ServerConfig`` keep
 construction path and differ only in how they run it. The pieces it wires together:
 
 * ``ModelHolder``: the swappable model (hot reload swaps it; health follows every swap),
+* ``Reloader``: with a model path, hot reload from it (folder watcher, SIGHUP, ``ReloadModel``;
+  ``mfserve.server.reload``),
 * ``RecommenderService``: the servicer,
 * the standard ``grpc.health.v1`` service (NOT_SERVING until a model is loaded) and reflection,
 * interceptors (the access log),
@@ -43,6 +45,7 @@ from mfserve.server.interceptors import AccessLogInterceptor, MetricsInterceptor
 from mfserve.server.log_format import model_fields
 from mfserve.server.model_holder import ModelHolder, ModelSource, describe
 from mfserve.server.registration import add_to_server
+from mfserve.server.reload import Reloader, ReloadError
 from mfserve.server.service import SERVICE_NAME, RecommenderService
 from mfserve.server.threads import (
     current_torch_threads,
@@ -66,9 +69,13 @@ class BindError(OSError):
 class RecommenderServer:
     """A grpc.aio server serving one ``ModelHolder``. Create with :func:`create_server`."""
 
-    def __init__(self, holder: ModelHolder, config: ServerConfig) -> None:
+    def __init__(
+        self, holder: ModelHolder, config: ServerConfig, reloader: Reloader | None = None
+    ) -> None:
         self.holder = holder
         self.config = config
+        self.reloader = reloader
+        self._watcher: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self._executor = (
             ThreadPoolExecutor(
@@ -88,6 +95,7 @@ class RecommenderServer:
             max_k=config.max_k,
             executor=self._executor,
             max_batch_size=config.max_batch_size,
+            reloader=reloader,
         )
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -163,7 +171,32 @@ class RecommenderServer:
             self.address,
             extra=model_fields(current),
         )
+        reloader = self.reloader
+        if reloader is not None and reloader.watching:
+            self._watcher = asyncio.create_task(reloader.watch(), name="mfserve-reload-watcher")
+            log.info(
+                "mfserve: watching %s for new versions every %gs",
+                reloader.folder,
+                reloader.poll_seconds,
+            )
         return port
+
+    async def reload_on_signal(self) -> None:
+        """SIGHUP: reload the newest version (or the pinned one), logging what happened."""
+        if self.reloader is None:
+            log.warning(
+                "mfserve: SIGHUP: the server was started without a model path; nothing to reload"
+            )
+            return
+        log.info("mfserve: SIGHUP: reloading from %s", self.reloader.folder)
+        try:
+            version, changed = await self.reloader.reload(reason="SIGHUP")
+        except ReloadError as exc:
+            if exc.kind != "refused":  # a refusal is logged, with its reason, where it happens
+                log.warning("mfserve: SIGHUP: %s", exc)
+            return
+        if not changed:
+            log.info("mfserve: SIGHUP: version %d is already serving", version)
 
     async def load(self, path: str | os.PathLike[str]) -> Recommender:
         """Load an artifact off the event loop and swap it in; health follows before it returns."""
@@ -177,6 +210,10 @@ class RecommenderServer:
         if self._server is None or self._stopping:
             return
         self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.reloader is not None:
+            self.reloader.close()
         grace = self.config.grace_seconds if grace is None else grace
         log.info("mfserve: shutting down (grace %.1fs)", grace)
         # Load balancers watching health stop routing here before the listener closes.
@@ -245,7 +282,10 @@ def process_cores(config: ServerConfig) -> int:
 
 
 def create_server(
-    model: ModelSource = None, config: ServerConfig | None = None
+    model: ModelSource = None,
+    config: ServerConfig | None = None,
+    *,
+    reload_from: str | os.PathLike[str] | None = None,
 ) -> RecommenderServer:
     """A server over ``model``, not yet bound (``await server.start()`` binds).
 
@@ -253,15 +293,20 @@ def create_server(
     ``ModelArtifact``, a ``Recommender``, a ``ServingModel`` (its index as is), or ``None``
     (UNAVAILABLE until one is loaded). With ``config.ann`` other than "none", the index stored
     beside the version is loaded with it; raises ``AnnError`` when it is required but missing,
-    or found but corrupt or stale.
+    or found but corrupt or stale. A path is also what the server hot-reloads from; for a model
+    given otherwise (a ``--workers`` worker gets its parent's), ``reload_from`` says where.
     """
     config = config or ServerConfig()
     holder = ModelHolder(ann=config.ann, ann_search=config.ann_search())
+    reloader = None
     if isinstance(model, (str, os.PathLike)):
-        holder.load(model)
+        reloader = Reloader.for_path(holder, model, config.poll_seconds)
+        reloader.load_first()
     else:
         holder.set(model)
-    return RecommenderServer(holder, config)
+        if reload_from is not None:
+            reloader = Reloader.for_path(holder, reload_from, config.poll_seconds)
+    return RecommenderServer(holder, config, reloader)
 
 
 async def run_until_signal(
@@ -277,9 +322,14 @@ async def run_until_signal(
     # must already be a graceful stop, not the default kill.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP reloads (the default would kill the process with no log line).
+    reloads: set[asyncio.Task[None]] = set()
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: _track(reloads, loop.create_task(server.reload_on_signal()))
+    )
     # A forked worker starts with these signals blocked (so none is lost or mishandled before the
     # handlers above exist); deliver any that arrived meanwhile. A no-op everywhere else.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         with GcPauses() as pauses:
             await server.start()
@@ -292,9 +342,15 @@ async def run_until_signal(
             await server.stop()
         log.info("mfserve: garbage collection while serving: %s", pauses.summary())
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def _track(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    # The loop keeps only weak references to tasks: hold each until it is done.
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> int:

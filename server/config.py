@@ -103,6 +103,13 @@ class ServerConfig:
     ann_nprobe: int = _option(
         0, "IVF lists probed per query: more is more exact and slower", "model", shown="the index's"
     )
+    poll_seconds: float = _option(
+        5.0,
+        "with a model folder, how often to look for a newer version and hot-reload it (SIGHUP "
+        "and the ReloadModel RPC reload at once); 0: never look; a version folder is never watched",
+        "model",
+        metavar="SECONDS",
+    )
     # --- network ---
     host: str = _option("127.0.0.1", "address to listen on; 0.0.0.0: every interface", "network")
     port: int = _option(50051, "port; 0 binds a free one, which the start line logs", "network")
@@ -201,6 +208,7 @@ class ServerConfig:
             "max_receive_message_bytes": (self.max_receive_message_bytes >= 1024, "at least 1 KiB"),
             "max_send_message_bytes": (self.max_send_message_bytes >= 1024, "at least 1 KiB"),
             "grace_seconds": (self.grace_seconds >= 0, "at least 0"),
+            "poll_seconds": (self.poll_seconds >= 0, "at least 0"),
             "compute_threads": (self.compute_threads >= 0, "at least 0"),
             "max_batch_size": (self.max_batch_size >= 1, "at least 1"),
             "workers": (0 <= self.workers <= 1024, "0 to 1024"),

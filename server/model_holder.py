@@ -36,7 +36,7 @@ from mfserve.server.log_format import model_fields
 from mfserve.training.ann_store import load_index
 from mfserve.training.artifact import ModelArtifact, load_artifact
 from mfserve.training.recommender import Recommender
-from mfserve.training.scoring import ApproximateRanker, Ranker
+from mfserve.training.scoring import ApproximateRanker, Ranker, RankRequest
 from mfserve.training.scoring.ann import KINDS, AnnError
 from mfserve.training.scoring.approximate import SEARCH_PARAM
 
@@ -71,6 +71,13 @@ def serving_model(recommender: Recommender, ann: ApproximateRanker | None = None
     # With an approximate index the index answers known users: no exact kernel to build.
     recommender.prepare(ranking=ann is None)
     ranker: Ranker = ann if ann is not None else recommender.ranker
+    if recommender.n_users and recommender.n_items:
+        # One call through the real scoring path before the version takes any: a failure here
+        # refuses the version, and nothing is left to compile or fault in on the first call.
+        ranker.top_k([0], 1, [RankRequest()])
+        ranker.similar([0], 1, [RankRequest(exclude_seen=False)])
+        rows = np.zeros(1, dtype=np.int64)
+        recommender.predict_rows(rows, rows)
     log.info(
         "mfserve: TopK for %s: %s",
         describe(recommender),

@@ -44,11 +44,13 @@ from mfserve.server.errors import (
     ServiceError,
     abort,
     internal,
+    invalid_argument,
     malformed,
     not_found,
     unavailable,
 )
 from mfserve.server.model_holder import ModelHolder, ServingModel
+from mfserve.server.reload import Reloader, ReloadError
 from mfserve.server.responses import add_scored, model_info
 from mfserve.server.validation import (
     COLD_START_HINT,
@@ -125,8 +127,10 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         max_k: int,
         executor: Executor | None,
         max_batch_size: int,
+        reloader: Reloader | None = None,
     ) -> None:
         self.holder = holder
+        self.reloader = reloader  # None: started without a model path, nothing to reload
         self.max_batch_pairs = max_batch_pairs
         self.max_k = max_k
         self.in_flight = 0  # calls inside the handlers (event-loop thread only)
@@ -362,4 +366,37 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
 
     @_rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.GetModelInfoResponse:  # noqa: N802 (gRPC name)
-        return model_info(self._model())
+        response = model_info(self._model())
+        if self.reloader is not None:
+            state = self.reloader.state
+            if state.time is not None:
+                response.last_reload_time.FromDatetime(state.time)
+            response.last_reload_version = state.version
+            response.last_reload_error = state.error
+        return response
+
+    @_rpc
+    async def ReloadModel(self, request: pb.ReloadModelRequest) -> pb.ReloadModelResponse:  # noqa: N802 (gRPC name)
+        if request.version < 0:
+            raise invalid_argument("version", request.version, "must be 0 (the newest) or more")
+        if self.reloader is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server was started without a model folder: there is nothing to reload from",
+            )
+        try:
+            version, changed = await self.reloader.reload(
+                request.version or None, reason="ReloadModel"
+            )
+        except ReloadError as exc:
+            raise _reload_status(exc) from exc
+        return pb.ReloadModelResponse(model_version=version, changed=changed)
+
+
+def _reload_status(error: ReloadError) -> ServiceError:
+    """The status ``ReloadModel`` documents for each reason a reload did not happen."""
+    if error.kind == "not_found":
+        return ServiceError(grpc.StatusCode.NOT_FOUND, str(error), [("version", str(error))])
+    if error.kind == "busy":
+        return ServiceError(grpc.StatusCode.ABORTED, str(error))
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error))

@@ -105,7 +105,7 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
         gc.freeze()  # everything loaded moves to the permanent generation: never scanned again
         gc.enable()
         worker_config = replace(config, port=port, so_reuseport=True)
-        return _Supervisor(worker_config, model, count, reserved).run()
+        return _Supervisor(worker_config, model, count, reserved, model_path).run()
     finally:
         reserved.close()
         metrics.cleanup_multiprocess()
@@ -113,10 +113,16 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
 
 class _Supervisor:
     def __init__(
-        self, config: ServerConfig, model: ServingModel | None, count: int, reserved: socket.socket
+        self,
+        config: ServerConfig,
+        model: ServingModel | None,
+        count: int,
+        reserved: socket.socket,
+        model_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = config
         self.model = model
+        self.model_path = model_path  # each worker hot-reloads from it on its own
         self.count = count
         self.reserved = reserved
         self.pids: dict[int, int] = {}  # pid -> worker number
@@ -126,7 +132,7 @@ class _Supervisor:
     def run(self) -> int:
         # Signals stay blocked across the forks: a worker inherits the mask and unblocks once its
         # own handlers exist (run_until_signal), so an early SIGTERM is a graceful stop there.
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*SIGNALS, signal.SIGHUP})
         ready: dict[int, int] = {}  # read end of each worker's ready pipe -> pid
         try:
             for number in range(1, self.count + 1):
@@ -134,14 +140,18 @@ class _Supervisor:
                 pid = os.fork()
                 if pid == 0:  # the worker: never returns
                     os.close(read_end)
-                    _worker_main(self.config, self.model, number, self.reserved, write_end)
+                    _worker_main(
+                        self.config, self.model, number, self.reserved, write_end, self.model_path
+                    )
                 os.close(write_end)
                 self.pids[pid] = number
                 ready[read_end] = pid
             for signum in SIGNALS:
                 signal.signal(signum, self._forward)
+            # SIGHUP is passed on as it is: every worker reloads (mfserve.server.reload).
+            signal.signal(signal.SIGHUP, self._forward_reload)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {*SIGNALS, signal.SIGHUP})
         if self._wait_ready(ready):
             self.reserved.close()  # every worker holds the port now
             self._start_metrics()
@@ -171,6 +181,12 @@ class _Supervisor:
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _forward_reload(self, signum: int, frame: FrameType | None) -> None:
+        log.info("mfserve: SIGHUP: every worker reloads")
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -226,6 +242,7 @@ def _worker_main(
     number: int,
     reserved: socket.socket,
     ready_fd: int,
+    model_path: str | os.PathLike[str] | None = None,
 ) -> None:
     """A forked worker: serve until a signal, then exit with the server's code (never return)."""
     code = 1
@@ -247,7 +264,7 @@ def _worker_main(
             os.write(ready_fd, READY)
             os.close(ready_fd)
 
-        server = create_server(model, config)
+        server = create_server(model, config, reload_from=model_path)
         code = asyncio.run(run_until_signal(server, on_started=started))
     except BindError as exc:
         log.error("%s", exc)

@@ -269,10 +269,12 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
     if not isinstance(files, dict):
         raise ArtifactError(f"{folder / MANIFEST}: no 'files' checksum table")
     _verify_files(folder, files)
+    numbered = bool(_VERSION_DIR.match(folder.name))
     tensors = _load_tensors(folder / MODEL_TENSORS)
     interactions = _load_tensors(folder / INTERACTIONS)
     metadata = _read_json(folder / ITEM_METADATA)
     try:
+        recorded_version = int(manifest["version"])  # checked even where the folder says it
         artifact = ModelArtifact(
             tensors=tensors,
             user_ids=_read_json(folder / USERS),
@@ -287,8 +289,10 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
             hyperparameters=manifest.get("hyperparameters", {}),
             metrics=manifest.get("metrics", {}),
             dataset=manifest.get("dataset", {}),
-            name=str(manifest.get("name", folder.parent.name)),
-            version=int(manifest["version"]),
+            # A numbered folder is the version (models/NAME/N, as the contract says), whatever
+            # the manifest recorded where it was written: versions are copied between folders.
+            name=folder.parent.name if numbered else str(manifest.get("name", folder.parent.name)),
+            version=int(folder.name) if numbered else recorded_version,
             created_time=str(manifest.get("created_time", "")),
             path=folder,
         )

@@ -148,6 +148,7 @@ def test_info_table_and_json(cli: Any) -> None:
     lines = dict(line.split(None, 1) for line in out.splitlines())
     assert code == 0 and lines["item_count"] == "400"
     assert lines["hyperparameters.synthetic"] == "true"
+    assert lines["last_reload_error"] == "-"  # no reload tried: a row, never a blank
     code, out, _ = cli("info", "--json")
     assert json.loads(out)["user_count"] == 60
 

@@ -29,6 +29,7 @@ SAMPLES: dict[str, tuple[list[str], dict[str, object]]] = {
     "--ann": (["hnsw"], {"ann": "hnsw"}),
     "--ann-ef-search": (["128"], {"ann_ef_search": 128}),
     "--ann-nprobe": (["8"], {"ann_nprobe": 8}),
+    "--poll-seconds": (["0"], {"poll_seconds": 0.0}),
     "--host": (["::1"], {"host": "::1"}),
     "--port": (["0"], {"port": 0}),
     "--grace": (["0.5"], {"grace_seconds": 0.5}),

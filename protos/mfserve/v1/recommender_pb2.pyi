@@ -126,7 +126,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "create_time", "factors", "rank_factors", "user_count", "item_count", "rating_count", "rating_min", "rating_max", "metrics", "format_version", "dataset_fingerprint", "hyperparameters")
+    __slots__ = ("model_name", "model_version", "create_time", "factors", "rank_factors", "user_count", "item_count", "rating_count", "rating_min", "rating_max", "metrics", "format_version", "dataset_fingerprint", "hyperparameters", "last_reload_time", "last_reload_version", "last_reload_error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,9 @@ class GetModelInfoResponse(_message.Message):
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     create_time: _timestamp_pb2.Timestamp
@@ -169,4 +172,21 @@ class GetModelInfoResponse(_message.Message):
     format_version: int
     dataset_fingerprint: str
     hyperparameters: _containers.ScalarMap[str, str]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., factors: _Optional[int] = ..., rank_factors: _Optional[int] = ..., user_count: _Optional[int] = ..., item_count: _Optional[int] = ..., rating_count: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., format_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    last_reload_time: _timestamp_pb2.Timestamp
+    last_reload_version: int
+    last_reload_error: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., factors: _Optional[int] = ..., rank_factors: _Optional[int] = ..., user_count: _Optional[int] = ..., item_count: _Optional[int] = ..., rating_count: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., format_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., last_reload_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reload_version: _Optional[int] = ..., last_reload_error: _Optional[str] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model_version", "changed")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    changed: bool
+    def __init__(self, model_version: _Optional[int] = ..., changed: _Optional[bool] = ...) -> None: ...

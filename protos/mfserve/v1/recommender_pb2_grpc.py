@@ -89,6 +89,11 @@ class RecommenderServiceStub:
                 request_serializer=mfserve_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=mfserve_dot_v1_dot_recommender__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/mfserve.v1.RecommenderService/ReloadModel',
+                request_serializer=mfserve_dot_v1_dot_recommender__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=mfserve_dot_v1_dot_recommender__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -180,6 +185,23 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Loads a version of the served model now (as the folder watcher and SIGHUP
+        do), verifies it, warms it up through the real scoring path and only then
+        swaps it in; calls in flight finish on the version they started on. An
+        administrative call.
+
+        Returns `NOT_FOUND` (naming `version`) for a version the model folder
+        does not hold; `FAILED_PRECONDITION` when the version fails to load (the
+        message says why; the version served before keeps serving), when the
+        server serves a pinned version folder and `version` names another, or when
+        it was started without a model folder; `ABORTED` when another reload is
+        in progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +229,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=mfserve_dot_v1_dot_recommender__pb2.GetModelInfoRequest.FromString,
                     response_serializer=mfserve_dot_v1_dot_recommender__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=mfserve_dot_v1_dot_recommender__pb2.ReloadModelRequest.FromString,
+                    response_serializer=mfserve_dot_v1_dot_recommender__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -374,6 +401,33 @@ class RecommenderService:
             '/mfserve.v1.RecommenderService/GetModelInfo',
             mfserve_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
             mfserve_dot_v1_dot_recommender__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfserve.v1.RecommenderService/ReloadModel',
+            mfserve_dot_v1_dot_recommender__pb2.ReloadModelRequest.SerializeToString,
+            mfserve_dot_v1_dot_recommender__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
