@@ -291,3 +291,25 @@ def test_the_sdk_reloads_and_reports_the_last_attempt(folder: Path) -> None:
         assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert client.model_info().last_reload_error
         assert client.model_info().model_version == 2
+
+
+def test_reloads_are_counted_and_the_version_gauge_follows(folder: Path) -> None:
+    from test_metrics import free_port, moved, scrape, value
+
+    with (
+        running_server_handle(folder, poll_seconds=0, metrics_port=free_port()) as handle,
+        grpc.insecure_channel(handle.address) as channel,
+    ):
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        port = handle.server.metrics_port
+        before = scrape(port)
+        assert value(before, "mfserve_model_version", name="hot") == 1
+        new_version(folder, seed=16)
+        stub.ReloadModel(pb.ReloadModelRequest(), timeout=60)
+        corrupt_checksum(new_version(folder, seed=17))
+        with pytest.raises(grpc.RpcError):
+            stub.ReloadModel(pb.ReloadModelRequest(), timeout=60)
+        after = scrape(port)
+    assert moved(before, after, "mfserve_model_reloads_total", result="success") == 1
+    assert moved(before, after, "mfserve_model_reloads_total", result="failure") == 1
+    assert value(after, "mfserve_model_version", name="hot") == 2
