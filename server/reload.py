@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mfserve.server import metrics
+from mfserve.server.log_format import model_fields
 from mfserve.server.model_holder import ModelHolder, describe
 from mfserve.training.artifact import MANIFEST, ArtifactError, list_versions
 from mfserve.training.scoring.ann import AnnError
@@ -181,12 +182,18 @@ class Reloader:
                 reason,
                 exc,
                 describe(self.holder.current),
+                extra={**model_fields(self.holder.current), "refused_version": wanted},
             )
             raise ReloadError("refused", f"version {wanted} was refused: {exc}") from exc
         metrics.record_reload(True)
         self._refused.pop(wanted, None)
         self.state = ReloadState(_now(), wanted, "")
-        log.info("mfserve: reloaded to %s (%s)", describe(self.holder.current), reason)
+        log.info(
+            "mfserve: reloaded to %s (%s)",
+            describe(self.holder.current),
+            reason,
+            extra=model_fields(self.holder.current),
+        )
         return wanted, True
 
     def _pick(self, version: int | None) -> int:
