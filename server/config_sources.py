@@ -26,11 +26,6 @@ from typing import Any
 
 from mfserve.server.config import ConfigError, ServerConfig, config_from_args
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - pyproject.toml installs tomli there
-    import tomli as tomllib
-
 ENV_PREFIX = "MFSERVE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"  # the file, when --config is not given
 TABLE = "serve"
@@ -125,6 +120,12 @@ def server_config(settings: Mapping[str, Setting]) -> ServerConfig:
 
 def _read_file(path: str, options: tuple[Option, ...]) -> dict[str, tuple[str, Any]]:
     """``key -> (key as written, value)`` of a TOML file; unknown keys are errors."""
+    # Imported here: the serve flags are registered on the thin client install, where Python 3.10
+    # has no tomllib and the [server] extra's tomli backport is not installed.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the [server] extra installs tomli there
+        import tomli as tomllib
     try:
         with open(path, "rb") as file:
             data = tomllib.load(file)
