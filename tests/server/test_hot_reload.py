@@ -41,40 +41,56 @@ def folder(tmp_path: Path) -> Path:
     return make_model_dir(tmp_path, "hot").parent
 
 
-def test_versions_swap_under_a_stream_of_calls_with_no_failed_call(folder: Path) -> None:
-    with running_server_handle(folder, poll_seconds=POLL) as handle:
-        versions: list[int] = []
-        failures: list[BaseException] = []
-        stop = threading.Event()
+class CallStream:
+    """TopK calls from ``threads`` client threads, each on a connection of its own, until closed:
+    the ``model_version`` of every answer, in order, and every failed call."""
 
-        def client() -> None:
-            with grpc.insecure_channel(handle.address) as channel:
-                stub = pb_grpc.RecommenderServiceStub(channel)
-                while not stop.is_set():
-                    try:
-                        answer = stub.TopK(pb.TopKRequest(user_id="u3", k=5), timeout=10)
-                    except grpc.RpcError as exc:
-                        failures.append(exc)
-                        continue
-                    versions.append(answer.model_version)
+    def __init__(self, address: str, threads: int = 8) -> None:
+        self.address = address
+        self.versions: list[int] = []
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(threads)]
 
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for thread in threads:
+    def __enter__(self) -> CallStream:
+        for thread in self._threads:
             thread.start()
-        with grpc.insecure_channel(handle.address) as channel:
-            stub = pb_grpc.RecommenderServiceStub(channel)
-            for seed in (2, 3):
-                wanted = int(new_version(folder, seed).name)
-                assert wait_for(lambda w=wanted: info(stub).model_version == w, timeout=60)
-        seen = len(versions)
-        assert wait_for(lambda: len(versions) > seen + 50, timeout=30)
-        stop.set()
-        for thread in threads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
             thread.join(30)
-    assert not failures
-    assert set(versions) <= {1, 2, 3} and {1, 3} <= set(versions)
-    assert versions[-1] == 3  # the last answers come from the newest version
-    assert 3 in versions[-8:]
+
+    def _client(self) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        with grpc.insecure_channel(self.address, options=options) as channel:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            while not self._stop.is_set():
+                try:
+                    answer = stub.TopK(pb.TopKRequest(user_id="u3", k=5), timeout=10)
+                except grpc.RpcError as exc:
+                    self.failures.append(exc)
+                    continue
+                self.versions.append(answer.model_version)
+
+
+def test_versions_swap_under_a_stream_of_calls_with_no_failed_call(folder: Path) -> None:
+    with (
+        running_server_handle(folder, poll_seconds=POLL) as handle,
+        CallStream(handle.address) as calls,
+        grpc.insecure_channel(handle.address) as channel,
+    ):
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        for seed in (2, 3):
+            wanted = int(new_version(folder, seed).name)
+            assert wait_for(lambda w=wanted: info(stub).model_version == w, timeout=60)
+        seen = len(calls.versions)
+        assert wait_for(lambda: len(calls.versions) > seen + 50, timeout=30)
+    assert not calls.failures
+    assert set(calls.versions) <= {1, 2, 3} and {1, 3} <= set(calls.versions)
+    assert calls.versions[-1] == 3  # the last answers come from the newest version
+    assert 3 in calls.versions[-8:]
 
 
 def corrupt_truncated_tensor(version: Path) -> None:
@@ -237,36 +253,15 @@ def test_every_worker_reloads_under_calls_with_no_failed_call(folder: Path, trig
     poll = "0.2" if trigger == "watcher" else "0"
     with serve_subprocess(folder, "--workers", "2", "--poll-seconds", poll) as server:
         assert wait_for(lambda: "workers ready" in server.log, timeout=60)
-        versions: list[int] = []
-        failures: list[BaseException] = []
-        stop = threading.Event()
-
-        def client() -> None:
-            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
-            with grpc.insecure_channel(server.address, options=options) as channel:
-                stub = pb_grpc.RecommenderServiceStub(channel)
-                while not stop.is_set():
-                    try:
-                        answer = stub.TopK(pb.TopKRequest(user_id="u3", k=5), timeout=10)
-                    except grpc.RpcError as exc:
-                        failures.append(exc)
-                        continue
-                    versions.append(answer.model_version)
-
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        new_version(folder, seed=13)
-        if trigger == "SIGHUP":
-            server.proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: fresh_channel_versions(server.address) == {2}, timeout=60)
-        stop.set()
-        for thread in threads:
-            thread.join(30)
+        with CallStream(server.address) as calls:
+            new_version(folder, seed=13)
+            if trigger == "SIGHUP":
+                server.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: fresh_channel_versions(server.address) == {2}, timeout=60)
         assert server.log.count("reloaded to hot v2") == 2  # both workers
         assert server.terminate() == 0
-    assert not failures
-    assert set(versions) <= {1, 2} and versions[-1] == 2
+    assert not calls.failures
+    assert set(calls.versions) <= {1, 2} and calls.versions[-1] == 2
 
 
 def test_the_sdk_reloads_and_reports_the_last_attempt(folder: Path) -> None:
