@@ -71,11 +71,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 fields = {"method": method, "code": code, "ms": round(elapsed_ms, 3), "peer": peer}
                 logger.info("access: %s %s %.2fms %s", method, code, elapsed_ms, peer, extra=fields)
 
-        return grpc.unary_unary_rpc_method_handler(
-            logged,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _with_behaviour(handler, logged)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -131,8 +127,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 in_flight.dec()
                 duration.observe(perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            measured,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _with_behaviour(handler, measured)
+
+
+def _with_behaviour(handler: Handler, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Handler:
+    """``handler`` with its unary behaviour replaced, keeping how it reads and writes messages."""
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
