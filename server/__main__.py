@@ -6,6 +6,11 @@ Same flags as ``mfserve serve``; useful where only the server is installed, and 
 from __future__ import annotations
 
 import argparse
+import os
+
+# gRPC's C core logs every failed TLS handshake at INFO to stderr unless told otherwise: one port
+# scan would bury the server's own log. Set before grpc loads; an explicit setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from mfserve.server.cli import register
 

@@ -10,8 +10,11 @@ construction path and differ only in how they run it. The pieces it wires togeth
 * ``Reloader``: with a model path, hot reload from it (folder watcher, SIGHUP, ``ReloadModel``;
   ``mfserve.server.reload``),
 * ``RecommenderService``: the servicer,
-* the standard ``grpc.health.v1`` service (NOT_SERVING until a model is loaded) and reflection,
-* interceptors (the access log),
+* the standard ``grpc.health.v1`` service (NOT_SERVING until a model is loaded) and reflection
+  (``--no-reflection`` turns it off),
+* ``Security`` (``mfserve.server.security``): TLS or mTLS on the port and the bearer-token
+  interceptor (``mfserve.server.auth``), re-read on every reload,
+* interceptors (metrics, the access log, tokens),
 * channel options: message size limits, the concurrent-RPC limit and ``SO_REUSEPORT`` (off unless
   asked for, so two servers never silently share a port; ``--workers N`` turns it on in its
   worker processes, see ``mfserve.server.workers``),
@@ -32,11 +35,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from mfserve.server import metrics
+from mfserve.server.auth import AuthInterceptor
 from mfserve.server.config import ServerConfig
 from mfserve.server.cpu_pinning import pin_process
 from mfserve.server.gc_pauses import GcPauses
@@ -44,8 +47,9 @@ from mfserve.server.idle_poll import IdlePoll
 from mfserve.server.interceptors import AccessLogInterceptor, MetricsInterceptor
 from mfserve.server.log_format import model_fields
 from mfserve.server.model_holder import ModelHolder, ModelSource, describe
-from mfserve.server.registration import add_to_server
+from mfserve.server.registration import add_standard_services, add_to_server
 from mfserve.server.reload import Reloader, ReloadError
+from mfserve.server.security import Security
 from mfserve.server.service import SERVICE_NAME, RecommenderService
 from mfserve.server.threads import (
     current_torch_threads,
@@ -57,7 +61,6 @@ from mfserve.training.recommender import Recommender
 
 log = logging.getLogger("mfserve.server")
 
-HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Health is reported for the whole server ("") and per service, as the gRPC health spec suggests.
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
@@ -70,11 +73,19 @@ class RecommenderServer:
     """A grpc.aio server serving one ``ModelHolder``. Create with :func:`create_server`."""
 
     def __init__(
-        self, holder: ModelHolder, config: ServerConfig, reloader: Reloader | None = None
+        self,
+        holder: ModelHolder,
+        config: ServerConfig,
+        reloader: Reloader | None = None,
+        security: Security | None = None,
     ) -> None:
         self.holder = holder
         self.config = config
         self.reloader = reloader
+        self.security = security or Security(config)
+        if reloader is not None:
+            # Every reload (SIGHUP, ReloadModel, a watcher tick) re-reads certificates and tokens.
+            reloader.refresh = self.security.reload
         self._watcher: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self._executor = (
@@ -132,6 +143,9 @@ class RecommenderServer:
             interceptors.append(MetricsInterceptor(SERVICE_NAME))
         if config.access_log:
             interceptors.append(AccessLogInterceptor())
+        # Last, so that the metrics and the access log count the calls it refuses.
+        if self.security.auth is not None:
+            interceptors.append(AuthInterceptor(self.security.auth))
         # grpc.aio.server binds to the running loop, so it is built here rather than in __init__.
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -139,12 +153,13 @@ class RecommenderServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         add_to_server(self.service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        add_standard_services(server, self.health, reflection_on=not config.no_reflection)
+        tls = self.security.tls
         try:
-            port = server.add_insecure_port(config.address())
+            if tls is None:
+                port = server.add_insecure_port(config.address())
+            else:
+                port = server.add_secure_port(config.address(), tls.credentials())
         except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
             await server.stop(None)
             raise BindError(f"mfserve: cannot bind {config.address()}: {exc}") from exc
@@ -165,6 +180,8 @@ class RecommenderServer:
         await server.start()
         self._server, self.port = server, port
         current = self.holder.current
+        # Before the start line, which supervisors and tests read as "ready".
+        log.info("mfserve: port security: %s", self.security.describe())
         log.info(
             "mfserve: serving %s on %s",
             describe(current),
@@ -184,6 +201,7 @@ class RecommenderServer:
     async def reload_on_signal(self) -> None:
         """SIGHUP: reload the newest version (or the pinned one), logging what happened."""
         if self.reloader is None:
+            self.security.reload()
             log.warning(
                 "mfserve: SIGHUP: the server was started without a model path; nothing to reload"
             )
@@ -297,6 +315,7 @@ def create_server(
     given otherwise (a ``--workers`` worker gets its parent's), ``reload_from`` says where.
     """
     config = config or ServerConfig()
+    security = Security(config)  # first: a bad certificate or token file fails before the load
     holder = ModelHolder(ann=config.ann, ann_search=config.ann_search())
     reloader = None
     if isinstance(model, (str, os.PathLike)):
@@ -306,7 +325,7 @@ def create_server(
         holder.set(model)
         if reload_from is not None:
             reloader = Reloader.for_path(holder, reload_from, config.poll_seconds)
-    return RecommenderServer(holder, config, reloader)
+    return RecommenderServer(holder, config, reloader, security)
 
 
 async def run_until_signal(
@@ -366,6 +385,7 @@ def serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> in
 
 def _serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> int:
     if config.workers != 1:
+        Security(config)  # checked once here, so that a bad file is one error, not one per worker
         from mfserve.server.workers import serve_workers
 
         code: int = serve_workers(config, model_path)

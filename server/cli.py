@@ -115,6 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         from mfserve.server.app import BindError, serve
         from mfserve.server.idle_poll import IdlePollError
+        from mfserve.server.security import SecurityError
         from mfserve.training.artifact import ArtifactError
         from mfserve.training.scoring.ann import AnnError
     except ImportError as exc:  # the [server] extra is missing
@@ -127,6 +128,9 @@ def run_serve(args: argparse.Namespace) -> int:
         code: int = serve(config, model_path)
         return code
     except IdlePollError as exc:
+        log.error("mfserve serve: %s", exc)
+        return 2
+    except SecurityError as exc:
         log.error("mfserve serve: %s", exc)
         return 2
     except ArtifactError as exc:

@@ -29,6 +29,7 @@ ANN_MODES = ("none", "auto", "hnsw", "ivf")
 GROUPS = {
     "model": "model",
     "network": "network",
+    "security": "security (docs/security.md)",
     "limits": "limits",
     "performance": "performance tuning (what each one measured: docs/serving.md)",
     "logging": "logging",
@@ -127,6 +128,40 @@ class ServerConfig:
         "several processes bind one port: --workers sets it in its workers",
         "network",
         flag="",
+    )
+    # --- security ---
+    # Paths rather than contents, so that SIGHUP and ReloadModel can re-read them (rotation with
+    # no restart); they are checked when the server is built (mfserve.server.security).
+    tls_cert: str = _option(
+        "",
+        "serve TLS with this PEM certificate chain (needs --tls-key)",
+        "security",
+        metavar="FILE",
+    )
+    tls_key: str = _option("", "the PEM private key of --tls-cert", "security", metavar="FILE")
+    tls_client_ca: str = _option(
+        "",
+        "mutual TLS: require client certificates signed by this PEM CA bundle",
+        "security",
+        metavar="FILE",
+    )
+    auth_tokens: str = _option(
+        "",
+        "every call but health needs 'authorization: Bearer TOKEN' with a token of FILE (one per "
+        "line, # comments)",
+        "security",
+        metavar="FILE",
+    )
+    admin_tokens: str = _option(
+        "",
+        "tokens (same format) that may call everything, ReloadModel included (with --auth-tokens "
+        "and without this file, no token may call ReloadModel)",
+        "security",
+        metavar="FILE",
+    )
+    no_reflection: bool = _option(False, "turn server reflection off", "security")
+    reflection_needs_token: bool = _option(
+        False, "server reflection needs a token like every other call", "security"
     )
     # --- limits ---
     max_batch_pairs: int = _option(100_000, "most (user, item) pairs in one BatchPredict", "limits")

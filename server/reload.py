@@ -1,6 +1,9 @@
 """Hot reload: a new version of the served model, loaded off the serving path and swapped in only
 once it has been verified and warmed up.
 
+Every trigger also re-reads changed certificate and token files first (``refresh``, set by the
+server; ``mfserve.server.security``).
+
 Three triggers, one path (:meth:`Reloader.reload`): the folder watcher (``--poll-seconds``, which
 only ever moves to a newer version), SIGHUP, and the ``ReloadModel`` RPC. A load runs on the
 reloader's own thread, at a lower CPU priority than the serving threads, and does everything
@@ -23,6 +26,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -79,6 +83,8 @@ class Reloader:
         self.pinned = pinned
         self.poll_seconds = poll_seconds
         self.state = ReloadState()
+        # Run before every reload and watcher tick: the server re-reads certificates and tokens.
+        self.refresh: Callable[[], None] | None = None
         # version -> the signature of its files when it was refused (module doc).
         self._refused: dict[int, tuple[tuple[str, int, int], ...]] = {}
         self._busy = threading.Lock()
@@ -138,6 +144,8 @@ class Reloader:
     async def reload(self, version: int | None = None, *, reason: str) -> tuple[int, bool]:
         """Load ``version`` (None: the newest, or the pinned one) and swap it in; returns the
         version serving afterwards and whether it changed. Raises :class:`ReloadError`."""
+        if self.refresh is not None:
+            self.refresh()
         if not self._busy.acquire(blocking=False):
             raise ReloadError("busy", "another reload is in progress; retry when it ends")
         try:
@@ -150,6 +158,8 @@ class Reloader:
         """Every ``poll_seconds``, reload a version newer than the one serving (until cancelled)."""
         while True:
             await asyncio.sleep(self.poll_seconds)
+            if self.refresh is not None:
+                self.refresh()
             newest = self._newest()
             serving = self._serving_version()
             if newest is None or (serving is not None and newest <= serving):
