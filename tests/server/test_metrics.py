@@ -156,3 +156,23 @@ def test_two_workers_are_aggregated(model_dir: Path) -> None:
         assert workers == {"1", "2"}
         assert value(samples, "mfserve_worker_cpu_seconds_total", worker="1") > 0
     assert server.proc.returncode == 0, server.log
+
+
+def test_calls_refused_for_their_token_are_counted(model_dir: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("the-token\n")
+    config = {"metrics_port": free_port(), "auth_tokens": str(tokens)}
+    calls = "mfserve_rpcs_total"
+    refused, ok = {"method": "GetModelInfo", "code": "UNAUTHENTICATED"}, {"method": "GetModelInfo"}
+    with running_server_handle(model_dir, **config) as handle:
+        # The counters are the process's: other tests' servers may have counted calls before.
+        before = scrape(handle.server.config.metrics_port)
+        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            info = pb_grpc.RecommenderServiceStub(channel).GetModelInfo
+            for metadata in (None, [("authorization", "Bearer wrong")]):
+                with pytest.raises(grpc.RpcError):
+                    info(pb.GetModelInfoRequest(), metadata=metadata, timeout=10)
+            info(pb.GetModelInfoRequest(), metadata=[("authorization", "Bearer the-token")])
+        after = scrape(handle.server.config.metrics_port)
+    assert value(after, calls, **refused) - value(before, calls, **refused) == 2
+    assert value(after, calls, **ok, code="OK") - value(before, calls, **ok, code="OK") == 1
