@@ -29,6 +29,8 @@ from ._exceptions import (
     PermissionDeniedError,
     ResourceExhaustedError,
     RpcError,
+    TlsFileError,
+    TlsMismatchError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -41,6 +43,7 @@ from ._models import (
     ReloadResult,
     TopKResult,
 )
+from ._tls import TlsConfig
 
 __all__ = [
     "AsyncRecommenderClient",
@@ -60,6 +63,9 @@ __all__ = [
     "ResourceExhaustedError",
     "RetryPolicy",
     "RpcError",
+    "TlsConfig",
+    "TlsFileError",
+    "TlsMismatchError",
     "TopKResult",
     "UnauthenticatedError",
     "UnavailableError",

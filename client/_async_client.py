@@ -15,7 +15,7 @@ import grpc
 
 from ._base import BaseClient, Call, is_serving, watch_ended
 from ._config import ClientSettings
-from ._exceptions import translate_errors
+from ._exceptions import translate_errors_async
 from ._models import (
     BatchPrediction,
     HealthStatus,
@@ -44,7 +44,7 @@ class AsyncRecommenderClient(BaseClient[grpc.aio.Channel]):
         )
 
     async def _send(self, call: Call[T]) -> T:
-        with translate_errors():
+        async with translate_errors_async(self._settings.connection):
             response = await call.method(
                 call.request, timeout=call.timeout, metadata=self._settings.metadata
             )
@@ -159,7 +159,7 @@ class AsyncRecommenderClient(BaseClient[grpc.aio.Channel]):
 
     async def wait_until_ready(self, timeout: float | None = None, *, service: str = "") -> None:
         """See :meth:`RecommenderClient.wait_until_ready`."""
-        with translate_errors():
+        async with translate_errors_async(self._settings.connection):
             call = self._watch_health(service, timeout)
             try:
                 async for response in call:

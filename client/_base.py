@@ -25,12 +25,12 @@ from ._config import (
     DEFAULT_MAX_BATCH_PAIRS,
     ClientSettings,
     RetryPolicy,
-    TlsOption,
     client_settings,
 )
 from ._exceptions import MfserveError
 from ._models import HealthStatus, ModelInfo, Prediction, ReloadResult, TopKResult
 from ._requests import IdsLike, ids_list
+from ._tls import TlsOption
 
 ChannelT = TypeVar("ChannelT", grpc.Channel, grpc.aio.Channel)
 ResultT = TypeVar("ResultT")

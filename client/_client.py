@@ -35,7 +35,8 @@ class RecommenderClient(BaseClient[grpc.Channel]):
 
     ``timeout`` (seconds, None for none) is every call's deadline unless the call passes its own;
     retries of ``UNAVAILABLE`` happen inside that deadline. ``tls``: False, True (system roots), a
-    CA-certificate PEM path, or ``grpc.ChannelCredentials``. ``token`` is sent as ``authorization:
+    CA-certificate PEM path, a :class:`TlsConfig` (a CA, and a client certificate and key for
+    mutual TLS), or ``grpc.ChannelCredentials``. ``token`` is sent as ``authorization:
     Bearer ...`` and refused over plaintext unless the target is this machine. ``retries``: the
     attempts per call for ``UNAVAILABLE`` (1 disables) or a :class:`RetryPolicy`.
     ``wait_for_ready``: calls wait (within their deadline) for a server to come up instead of
@@ -44,7 +45,14 @@ class RecommenderClient(BaseClient[grpc.Channel]):
     batches are split). ``channel``: use this channel instead of making one (``tls``, ``options``
     and ``retries`` then do not apply, and :meth:`close` leaves it open).
 
-    Methods raise :class:`~mfserve.client.MfserveError` subclasses, never ``grpc.RpcError``.
+    Methods raise :class:`~mfserve.client.MfserveError` subclasses, never ``grpc.RpcError``; TLS
+    settings that do not fit the server (plaintext against TLS or back, a certificate missing or
+    not trusted) raise :class:`TlsMismatchError` saying what to change.
+
+    gRPC's C core logs a failed TLS handshake to stderr itself, as raw lines (``I1202 ...
+    ssl_transport_security.cc:2563] Handshake failed ...``). This package leaves a host program's
+    logging alone: to hide them, set ``GRPC_VERBOSITY=ERROR`` in the environment before ``grpc`` is
+    first imported (the ``mfserve`` command does so itself).
     """
 
     def _open_channel(self, settings: ClientSettings) -> grpc.Channel:
@@ -53,7 +61,7 @@ class RecommenderClient(BaseClient[grpc.Channel]):
         return grpc.secure_channel(settings.target, settings.credentials, options=settings.options)
 
     def _send(self, call: Call[T]) -> T:
-        with translate_errors():
+        with translate_errors(self._settings.connection):
             response = call.method(
                 call.request, timeout=call.timeout, metadata=self._settings.metadata
             )
@@ -202,7 +210,7 @@ class RecommenderClient(BaseClient[grpc.Channel]):
         returns as soon as the server is ready instead of polling. Raises
         :class:`DeadlineExceededError` when ``timeout`` (default: the client's) passes first.
         """
-        with translate_errors():
+        with translate_errors(self._settings.connection):
             call: Any = self._watch_health(service, timeout)
             try:
                 if any(is_serving(response) for response in call):

@@ -1,5 +1,7 @@
 """Channel configuration shared by the sync and async clients: retries, keepalive, TLS, auth.
 
+TLS itself (``TlsConfig``, reading and checking certificate files) is in ``_tls``.
+
 Retries are gRPC's own (a ``retryPolicy`` in the channel's service config), never a loop in this
 package: gRPC knows whether a request reached the server, retries only what is safe, adds jittered
 backoff, and covers every method of the service at once.
@@ -13,15 +15,16 @@ explicit deadline instead: its ``timeout`` argument, else the client's.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from mfserve import __version__
+
+from ._probe import Connection
+from ._tls import TlsOption, channel_credentials, connection
 
 SERVICE_NAME = "mfserve.v1.RecommenderService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
@@ -34,7 +37,6 @@ DEFAULT_MAX_BATCH_BYTES = 3 * 1024 * 1024
 # gRPC silently caps maxAttempts at 5; asking for more is refused here instead.
 MAX_ATTEMPTS_LIMIT = 5
 
-TlsOption = bool | grpc.ChannelCredentials | str | os.PathLike[str]
 MetadataPairs = tuple[tuple[str, str], ...]
 
 
@@ -141,21 +143,6 @@ def is_local_target(target: str) -> bool:
     return all(h.lower() in ("localhost", "::1") or h.startswith("127.") for h in hosts)
 
 
-def channel_credentials(tls: TlsOption) -> grpc.ChannelCredentials | None:
-    """TLS credentials from ``tls``: True (system roots), a root-certificate PEM path, or as is."""
-    if isinstance(tls, grpc.ChannelCredentials):
-        return tls
-    if tls is True:
-        return grpc.ssl_channel_credentials()
-    if tls is False:
-        return None
-    if isinstance(tls, (str, os.PathLike)):
-        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
-    raise TypeError(
-        f"tls must be a bool, a certificate path or grpc.ChannelCredentials, not {tls!r}"
-    )
-
-
 @dataclass(frozen=True)
 class ClientSettings:
     """Everything both clients need to make calls, resolved and checked once."""
@@ -167,6 +154,7 @@ class ClientSettings:
     options: list[tuple[str, Any]]
     max_batch_pairs: int
     max_batch_bytes: int
+    connection: Connection
 
 
 def client_settings(
@@ -196,8 +184,8 @@ def client_settings(
         # caller-built channel we cannot see its security, so the caller answers for it.
         if own_channel and credentials is None and not is_local_target(target):
             raise ValueError(
-                f"refusing to send a token in plaintext to {target!r}: pass tls=True (or a CA "
-                "certificate path), or connect to localhost / a unix socket"
+                f"refusing to send a token in plaintext to {target!r}: pass tls=True (or "
+                "tls=TlsConfig(ca=FILE)), or connect to localhost / a unix socket"
             )
         pairs = (*pairs, ("authorization", f"Bearer {token}"))
     return ClientSettings(
@@ -208,4 +196,5 @@ def client_settings(
         options=channel_options(retry, wait_for_ready=wait_for_ready, extra=options),
         max_batch_pairs=max_batch_pairs,
         max_batch_bytes=max_batch_bytes,
+        connection=connection(target, tls, own_channel=own_channel),
     )

@@ -12,11 +12,23 @@ Our exception hierarchy::
         ├── PermissionDeniedError   PERMISSION_DENIED: the token may not make this call
         ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: server busy, or a message too large
         ├── UnavailableError        UNAVAILABLE: no server or no model, even after retries
+        │   └── TlsMismatchError    the client's TLS settings do not fit the server's (.reason):
+        │                           plaintext against TLS or back, an untrusted server
+        │                           certificate, a client certificate missing or refused
         └── DeadlineExceededError   DEADLINE_EXCEEDED: the call ran past its timeout
+    TlsFileError                    a ValueError: a TLS file a client was given is missing,
+                                    unreadable or not PEM (.filename)
 
 Mistakes in how the client itself is called (mismatched batch lengths, a token over an insecure
-remote channel) raise ``ValueError`` / ``TypeError`` before anything is sent: they are bugs in the
-calling code, not failures of the service.
+remote channel, a TLS certificate without its key) raise ``ValueError`` / ``TypeError`` before
+anything is sent: they are bugs in the calling code, not failures of the service. A TLS file that
+does not work is one too, with its own class (``TlsFileError``) so that the message and
+``filename`` say which; the older ``tls="ca.pem"`` still raises ``OSError`` when it cannot read it.
+
+gRPC says "Socket closed" both for a plaintext client at a TLS port and for a mutual-TLS server
+refusing the client's certificate, as for a server that went away. When a call fails that way the
+mapping sends the address one TLS ClientHello (``_probe``) to tell which; only then, so a working
+client never pays for it. The async client runs that probe in a thread.
 
 Rich details come from the ``grpc-status-details-bin`` trailer (a ``google.rpc.Status``), decoded
 with the client's own copy of those messages (``_protos``) so the base install needs neither
@@ -26,15 +38,20 @@ only, never from the message text: the message quotes and cuts ids for people.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from . import _protos
+from ._probe import Connection, Speaks, probe, server_name
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,18 @@ class FieldViolation:
 
 class MfserveError(Exception):
     """Base class of every error this package raises on purpose."""
+
+
+class TlsFileError(ValueError):
+    """A TLS file a client was given is missing, unreadable, empty or not PEM, or a key is not its
+    certificate's; ``filename`` names it. Raised when the client is created, before any call."""
+
+    def __init__(self, message: str, filename: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.filename = os.fspath(filename)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.filename))
 
 
 class RpcError(MfserveError):
@@ -123,6 +152,61 @@ class UnavailableError(RpcError):
     """``UNAVAILABLE``: no server answered, or it has no model loaded, even after the retries."""
 
 
+TlsMismatchReason = Literal[
+    "server_plaintext",
+    "server_tls",
+    "server_mutual_tls",
+    "server_certificate_untrusted",
+    "server_certificate_wrong_name",
+    "client_certificate_required",
+    "client_certificate_refused",
+]
+
+
+class TlsMismatchError(UnavailableError):
+    """``UNAVAILABLE`` because the client's TLS settings do not fit the server's; retrying with
+    the same settings cannot help. ``reason`` says how, the message what to change:
+
+    * ``server_plaintext``: the client speaks TLS to a plaintext server;
+    * ``server_tls`` / ``server_mutual_tls``: plaintext to a TLS server (one that also wants a
+      client certificate);
+    * ``server_certificate_untrusted``: the server's certificate is not signed by a CA the
+      client trusts; ``server_certificate_wrong_name``: it does not name the host connected to;
+    * ``client_certificate_required``: a mutual-TLS server wants a client certificate;
+    * ``client_certificate_refused``: it refused the one sent.
+
+    ``problem`` is the message without the remedy, ``target`` the address as the client was
+    given it (the ``mfserve`` command words the remedy in its flags).
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        field_violations: Iterable[FieldViolation] = (),
+        reason: TlsMismatchReason = "server_plaintext",
+        target: str = "",
+        problem: str = "",
+    ) -> None:
+        super().__init__(code, details, field_violations=field_violations)
+        self.reason: TlsMismatchReason = reason
+        self.target = target
+        self.problem = problem or details
+
+
+# What to change, by reason, in the SDK's words.
+_REMEDIES: Mapping[TlsMismatchReason, str] = {
+    "server_plaintext": "connect without TLS (tls=False)",
+    "server_tls": "connect with TLS (tls=True, or tls=TlsConfig(ca=FILE) for a private CA)",
+    "server_mutual_tls": "connect with tls=TlsConfig(ca=FILE, cert=FILE, key=FILE)",
+    "server_certificate_untrusted": "pass the CA that signed it: tls=TlsConfig(ca=FILE)",
+    "server_certificate_wrong_name": "connect by a name the certificate lists",
+    "client_certificate_required": "pass tls=TlsConfig(ca=FILE, cert=FILE, key=FILE)",
+    "client_certificate_refused": "present one signed by a CA the server trusts",
+}
+
+
 class DeadlineExceededError(RpcError):
     """``DEADLINE_EXCEEDED``: the call (all its retries included) ran past its timeout."""
 
@@ -183,13 +267,94 @@ def _call_attr(exc: grpc.RpcError, name: str) -> Any:
     return method() if callable(method) else None
 
 
-def _map_error(exc: grpc.RpcError) -> RpcError:
-    """The one place a gRPC status becomes a typed error. Callers ``raise _map_error(e) from e``."""
+# How gRPC 1.85 words the connection failures the mapping explains: grpcio's own text, so a
+# wording change upstream makes them plain UnavailableError again, never a wrong explanation.
+# A failed connect, in pick_first's words and in round_robin's (the clients' own policy).
+_CONNECT_FAILED = ("failed to connect to all addresses", "connections to all backends failing")
+_SOCKET_CLOSED = "Socket closed"
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST")
+_WRONG_NAME = "Hostname Verification Check failed"
+# "last error: UNAVAILABLE: ipv4:127.0.0.1:39731: Socket closed": the address that failed.
+_FAILED_ADDRESS = re.compile(r"last error: [A-Z_]+: ((?:ipv4|ipv6|unix):.+?): ")
+_VERIFY_REASON = re.compile(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)")
+
+
+def _connect_failed(details: str) -> bool:
+    return any(words in details for words in _CONNECT_FAILED)
+
+
+def _tls_probe(details: str, connection: Connection | None) -> Callable[[], Speaks] | None:
+    """The probe that can explain a call that failed with "Socket closed" at connect, or None
+    when no probe can help (another failure, or a channel whose security is not known)."""
+    if connection is None or connection.tls is None:
+        return None
+    if not _connect_failed(details) or _SOCKET_CLOSED not in details:
+        return None
+    match = _FAILED_ADDRESS.search(details)
+    address = match.group(1) if match else connection.target
+    # The probe presents what the client does, so that a refusal is the refusal of the client.
+    cert, key = connection.client_certificate or (None, None)
+    name = server_name(connection.target)
+    return partial(probe, address, server_name=name, cert=cert, key=key)
+
+
+def _tls_mismatch(
+    details: str, connection: Connection | None, speaks: Speaks | None
+) -> tuple[TlsMismatchReason, str] | None:
+    """(reason, problem) when a connection failed because of the client's TLS settings."""
+    if not _connect_failed(details):
+        return None
+    target = connection.target if connection is not None else "this address"
+    at = f"the server at {target}"
+    if "Tls handshake failed" in details and any(word in details for word in _NOT_TLS):
+        return "server_plaintext", f"{at} speaks plaintext"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        verify = _VERIFY_REASON.search(details)
+        why = f" ({verify.group(1).strip()})" if verify else ""
+        return "server_certificate_untrusted", (
+            f"{at} presented a certificate this client does not trust{why}"
+        )
+    if _WRONG_NAME in details:
+        return "server_certificate_wrong_name", (
+            f"{at} presented a certificate that does not name the host connected to"
+        )
+    if connection is None or speaks is None:
+        return None
+    if not connection.tls and speaks is Speaks.TLS:
+        return "server_tls", f"{at} speaks TLS"
+    if not connection.tls and speaks is Speaks.TLS_REFUSED:
+        return "server_mutual_tls", f"{at} speaks mutual TLS (TLS and a client certificate)"
+    if connection.tls and speaks is Speaks.TLS_REFUSED:
+        if connection.client_certificate is None:
+            return "client_certificate_required", (
+                f"{at} requires a client certificate (mutual TLS)"
+            )
+        cert = connection.client_certificate[0]
+        return "client_certificate_refused", f"{at} refused the client certificate {cert}"
+    return None
+
+
+def _map_error(
+    exc: grpc.RpcError, connection: Connection | None = None, speaks: Speaks | None = None
+) -> RpcError:
+    """The one place a gRPC status becomes a typed error. Callers ``raise _map_error(e) from e``;
+    ``speaks`` is the probe's answer when ``_tls_probe`` asked for one."""
     code = _call_attr(exc, "code")
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
     details = _call_attr(exc, "details")
     details = details if isinstance(details, str) else str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        mismatch = _tls_mismatch(details, connection, speaks)
+        if mismatch is not None:
+            reason, problem = mismatch
+            return TlsMismatchError(
+                code,
+                f"{problem}; {_REMEDIES[reason]}",
+                reason=reason,
+                target=connection.target if connection is not None else "",
+                problem=problem,
+            )
     rich = _status_details(_call_attr(exc, "trailing_metadata"))
     violations = tuple(
         FieldViolation(str(getattr(v, "field", "")), str(getattr(v, "description", "")))
@@ -203,10 +368,27 @@ def _map_error(exc: grpc.RpcError) -> RpcError:
     return cls(code, details, field_violations=violations)
 
 
+def _details(exc: grpc.RpcError) -> str:
+    details = _call_attr(exc, "details")
+    return details if isinstance(details, str) else ""
+
+
 @contextmanager
-def translate_errors() -> Iterator[None]:
+def translate_errors(connection: Connection | None = None) -> Iterator[None]:
     """Re-raise a ``grpc.RpcError`` from the block as its typed error, chained ``from`` it."""
     try:
         yield
     except grpc.RpcError as exc:
-        raise _map_error(exc) from exc
+        check = _tls_probe(_details(exc), connection)
+        raise _map_error(exc, connection, check() if check else None) from exc
+
+
+@asynccontextmanager
+async def translate_errors_async(connection: Connection | None = None) -> AsyncIterator[None]:
+    """:func:`translate_errors` for coroutines: a probe runs in a thread, not on the loop."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        check = _tls_probe(_details(exc), connection)
+        speaks = await asyncio.to_thread(check) if check else None
+        raise _map_error(exc, connection, speaks) from exc
