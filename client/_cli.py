@@ -7,7 +7,11 @@ argparse. Their handlers import torch and friends when they run; if an extra is 
 told which one to install instead of seeing a traceback.
 
 Exit codes: 0 success; 1 the service answered with an error or could not be reached; 2 bad usage
-(argparse, unreadable input, a missing extra); 130 interrupted.
+(argparse, unreadable input or TLS files, a missing extra); 130 interrupted.
+
+The connection options (``--target``, TLS, ``--token``) and the client they make are in
+``_cli_connection``. This module cannot quiet gRPC's C-core logs itself: the console script
+imports the ``mfserve.client`` package, and grpc with it, before this body runs (``_grpc_logs``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -23,8 +26,7 @@ from typing import Any, TextIO
 from mfserve import __version__
 
 from . import _render
-from ._client import RecommenderClient
-from ._config import DEFAULT_TARGET
+from ._cli_connection import connection_options, error_message, open_client
 from ._exceptions import MfserveError
 from ._models import HealthStatus, TopKResult
 
@@ -61,36 +63,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 # --------------------------------------------------------------------------- parser
-def _connection_options() -> argparse.ArgumentParser:
-    """Options every client command takes (a parent parser, so they go after the command)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("connection")
-    group.add_argument(
-        "--target",
-        default=os.environ.get("MFSERVE_TARGET", DEFAULT_TARGET),
-        help="server address, any gRPC target (env MFSERVE_TARGET; default: %(default)s)",
-    )
-    group.add_argument(
-        "--timeout",
-        type=float,
-        default=10.0,
-        help="seconds per call, retries included (default: %(default)s)",
-    )
-    group.add_argument(
-        "--tls", action="store_true", help="use TLS with the system's root certificates"
-    )
-    group.add_argument(
-        "--ca-cert", metavar="PEM", help="use TLS trusting this root certificate file"
-    )
-    group.add_argument(
-        "--token",
-        default=os.environ.get("MFSERVE_TOKEN"),
-        help="bearer token (env MFSERVE_TOKEN); needs TLS unless the target is this machine",
-    )
-    parent.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parent
-
-
 def _add_ranking_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=10, help="how many items (default: %(default)s)")
     parser.add_argument(
@@ -114,7 +86,7 @@ def _add_ranking_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_client_commands(subparsers: Any) -> None:
-    parent = _connection_options()
+    parent = connection_options()
 
     def add(name: str, handler: Handler, **kwargs: Any) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = subparsers.add_parser(name, parents=[parent], **kwargs)
@@ -203,13 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- client commands
-def _client(args: argparse.Namespace) -> RecommenderClient:
-    tls: bool | str = args.ca_cert or bool(args.tls)
-    return RecommenderClient(args.target, timeout=args.timeout, tls=tls, token=args.token)
-
-
 def _predict(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with open_client(args) as client:
         result = client.predict(args.user, args.item, allow_cold_start=args.cold_start)
     if args.json:
         _render.print_json(result)
@@ -254,7 +221,7 @@ def _batch_predict(args: argparse.Namespace) -> int:
     else:
         with open(args.input, newline="", encoding="utf-8") as handle:
             users, items = _read_pairs(handle)
-    with _client(args) as client:
+    with open_client(args) as client:
         result = client.batch_predict(
             users, items, allow_cold_start=args.cold_start, batch_size=args.batch_size
         )
@@ -297,7 +264,7 @@ def _print_ranked(args: argparse.Namespace, result: TopKResult) -> None:
 
 
 def _topk(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with open_client(args) as client:
         result = client.top_k(
             args.user,
             args.k,
@@ -312,7 +279,7 @@ def _topk(args: argparse.Namespace) -> int:
 
 
 def _similar(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with open_client(args) as client:
         result = client.similar_items(
             args.item,
             args.k,
@@ -325,7 +292,7 @@ def _similar(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with open_client(args) as client:
         info = client.model_info()
     if args.json:
         _render.print_json(info)
@@ -342,7 +309,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with open_client(args) as client:
         if args.wait is not None:
             client.wait_until_ready(args.wait, service=args.service)
         status = client.health(args.service)
@@ -377,9 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except MfserveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc, args)}", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, OSError) as exc:  # bad input file or arguments, before any call
+    except (ValueError, OSError) as exc:  # bad input or TLS file, bad arguments, before any call
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
@@ -392,3 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # python -m mfserve.client._cli, as python -m mfserve
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 """The client's TLS parts alone: ``TlsConfig``'s file checks, the probe against tiny gRPC servers,
-and the mapping of gRPC's connection failures.
+the mapping of gRPC's connection failures, and when the CLI quiets gRPC's C-core logs.
 
 End to end, against real mfserve servers: test_client_tls.py.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pickle
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -20,6 +22,7 @@ from tls_certs import Pki, make_pki
 
 from mfserve.client import TlsConfig, TlsFileError, TlsMismatchError, UnavailableError, _exceptions
 from mfserve.client._exceptions import _map_error, translate_errors
+from mfserve.client._grpc_logs import is_mfserve_command
 from mfserve.client._probe import Connection, Speaks, probe, server_name
 
 SOCKET_CLOSED = (
@@ -240,3 +243,38 @@ def test_the_probe_runs_only_when_it_can_explain(monkeypatch: pytest.MonkeyPatch
         assert type(info.value) is cls
     # Once, at the address that failed, presenting nothing (a plaintext client has no certificate).
     assert probed == [("ipv4:127.0.0.1:39731", None)]
+
+
+# ---------------------------------------------------------------------------- C-core logs
+@pytest.mark.parametrize(
+    ("argv", "cli"),
+    [
+        (["python", "/venv/bin/mfserve", "info"], True),
+        (["python", "-m", "mfserve", "topk", "u1"], True),
+        (["python", "-m", "mfserve.client._cli"], True),
+        (["python", "-X", "importtime", "-W", "error", "-m", "mfserve"], True),
+        (["python", "-Im", "mfserve"], True),
+        (["python", "-mmfserve.client._cli"], True),
+        (["python", "-u", "/venv/bin/mfserve"], True),
+        (["python", "-c", "import mfserve.client"], False),
+        (["python", "-m", "pytest", "-m", "mfserve"], False),
+        (["python", "app.py", "mfserve"], False),
+        (["python"], False),
+    ],
+)
+def test_which_processes_are_the_mfserve_command(argv: list[str], cli: bool) -> None:
+    assert is_mfserve_command(argv) is cli
+
+
+def test_importing_the_sdk_leaves_grpc_logging_alone() -> None:
+    code = "import os, mfserve.client; print(os.environ.get('GRPC_VERBOSITY'))"
+    env = {"PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    assert done.stdout == "None\n"
