@@ -17,8 +17,6 @@ or ``mfserve.training``. The one exception is dynamic: the ``mfserve`` dispatche
 other areas' subcommands by module name at run time (``_cli._AREA_MODULES``).
 """
 
-# First, before grpc is imported: when this process is the mfserve command, hide C-core's log lines.
-from . import _grpc_logs  # noqa: F401
 from ._async_client import AsyncRecommenderClient
 from ._client import RecommenderClient
 from ._config import RetryPolicy

@@ -10,8 +10,8 @@ Exit codes: 0 success; 1 the service answered with an error or could not be reac
 (argparse, unreadable input or TLS files, a missing extra); 130 interrupted.
 
 The connection options (``--target``, TLS, ``--token``) and the client they make are in
-``_cli_connection``. This module cannot quiet gRPC's C-core logs itself: the console script
-imports the ``mfserve.client`` package, and grpc with it, before this body runs (``_grpc_logs``).
+``_cli_connection``. The console script enters through ``mfserve._command``, which quiets gRPC's
+C-core logs before this package (and grpc with it) is imported.
 """
 
 from __future__ import annotations
@@ -361,5 +361,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-if __name__ == "__main__":  # python -m mfserve.client._cli, as python -m mfserve
+if __name__ == "__main__":  # python -m mfserve.client._cli (python -m mfserve also quiets gRPC)
     raise SystemExit(main())

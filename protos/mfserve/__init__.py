@@ -7,7 +7,8 @@ above ``v1/`` is the package ``mfserve``. Its subpackages come from the other so
 (``client/``, the base install), ``mfserve.training`` (``training/``, ``[train]``) and
 ``mfserve.server`` (``server/``, ``[server]``).
 
-May import: nothing of mfserve here; ``__main__`` runs the console script, ``mfserve.client._cli``.
+May import: nothing of mfserve here; ``_command`` (the console script, also ``-m mfserve``) runs
+``mfserve.client._cli``.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -1,5 +1,5 @@
 """``python -m mfserve`` is the ``mfserve`` console script."""
 
-from mfserve.client._cli import main
+from mfserve._command import main
 
 raise SystemExit(main())

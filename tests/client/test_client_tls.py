@@ -271,7 +271,7 @@ def test_cli_usage_errors_name_the_file_or_flag(
 SCRIPT = Path(sys.executable).parent / "mfserve"  # the console script pip installed
 
 
-def cli(*argv: str, entry: str = "mfserve.client._cli") -> subprocess.CompletedProcess[str]:
+def cli(*argv: str, entry: str = "mfserve") -> subprocess.CompletedProcess[str]:
     """The command in a fresh process, as a user runs it: ``python -m ENTRY`` or, for
     ``entry="script"``, the console script (whose import order is what hides gRPC's logs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "MFSERVE_"))}

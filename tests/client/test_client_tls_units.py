@@ -22,7 +22,6 @@ from tls_certs import Pki, make_pki
 
 from mfserve.client import TlsConfig, TlsFileError, TlsMismatchError, UnavailableError, _exceptions
 from mfserve.client._exceptions import _map_error, translate_errors
-from mfserve.client._grpc_logs import is_mfserve_command
 from mfserve.client._probe import Connection, Speaks, probe, server_name
 
 SOCKET_CLOSED = (
@@ -246,26 +245,6 @@ def test_the_probe_runs_only_when_it_can_explain(monkeypatch: pytest.MonkeyPatch
 
 
 # ---------------------------------------------------------------------------- C-core logs
-@pytest.mark.parametrize(
-    ("argv", "cli"),
-    [
-        (["python", "/venv/bin/mfserve", "info"], True),
-        (["python", "-m", "mfserve", "topk", "u1"], True),
-        (["python", "-m", "mfserve.client._cli"], True),
-        (["python", "-X", "importtime", "-W", "error", "-m", "mfserve"], True),
-        (["python", "-Im", "mfserve"], True),
-        (["python", "-mmfserve.client._cli"], True),
-        (["python", "-u", "/venv/bin/mfserve"], True),
-        (["python", "-c", "import mfserve.client"], False),
-        (["python", "-m", "pytest", "-m", "mfserve"], False),
-        (["python", "app.py", "mfserve"], False),
-        (["python"], False),
-    ],
-)
-def test_which_processes_are_the_mfserve_command(argv: list[str], cli: bool) -> None:
-    assert is_mfserve_command(argv) is cli
-
-
 def test_importing_the_sdk_leaves_grpc_logging_alone() -> None:
     code = "import os, mfserve.client; print(os.environ.get('GRPC_VERBOSITY'))"
     env = {"PATH": ""}

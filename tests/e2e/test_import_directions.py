@@ -30,7 +30,7 @@ FOLDERS = {
 }
 # Area -> the areas it may import (its own included).
 ALLOWED = {
-    "mfserve": {"mfserve", "mfserve.client"},  # __main__ is the console script
+    "mfserve": {"mfserve", "mfserve.client"},  # _command (and __main__) is the console script
     "mfserve.v1": {"mfserve.v1"},
     "mfserve.client": {"mfserve.client", "mfserve.v1", "mfserve"},
     "mfserve.server": {"mfserve.server", "mfserve.training", "mfserve.v1", "mfserve"},

@@ -173,7 +173,7 @@ def test_console_script(wheel: Wheel) -> None:
         for line in lines[section + 1 :]
         if "=" in line and not line.startswith("[")
     )
-    assert scripts.get("mfserve") == "mfserve.client._cli:main"
+    assert scripts.get("mfserve") == "mfserve._command:main"
 
 
 def test_unpacked_wheel_imports_and_finds_its_data(wheel: Wheel, tmp_path: Path) -> None:
