@@ -1,8 +1,9 @@
 """Every error class raised for its real status, by a real server.
 
 NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED come from the
-mfserve server. It has no auth yet, so UNAUTHENTICATED / PERMISSION_DENIED (and the fallback class)
-come from a small real gRPC server defined here whose interceptor checks the bearer token.
+mfserve server. UNAUTHENTICATED / PERMISSION_DENIED (and the fallback class) come from a small real
+gRPC server defined here, which can answer any code; the mfserve server's own token refusals are
+tested through the SDK in test_client_tls.py.
 """
 
 from __future__ import annotations
