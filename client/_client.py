@@ -34,11 +34,12 @@ class RecommenderClient(BaseClient[grpc.Channel]):
     round-robin), ``unix:/path``. Create one client and share it: a channel is a connection pool.
 
     ``timeout`` (seconds, None for none) is every call's deadline unless the call passes its own;
-    retries of ``UNAVAILABLE`` happen inside that deadline. ``tls``: False, True (system roots), a
+    retries happen inside that deadline. ``tls``: False, True (system roots), a
     CA-certificate PEM path, a :class:`TlsConfig` (a CA, and a client certificate and key for
     mutual TLS), or ``grpc.ChannelCredentials``. ``token`` is sent as ``authorization:
     Bearer ...`` and refused over plaintext unless the target is this machine. ``retries``: the
-    attempts per call for ``UNAVAILABLE`` (1 disables) or a :class:`RetryPolicy`.
+    attempts per call for ``UNAVAILABLE`` and ``RESOURCE_EXHAUSTED`` (1 disables) or a
+    :class:`RetryPolicy`.
     ``wait_for_ready``: calls wait (within their deadline) for a server to come up instead of
     failing fast with ``UNAVAILABLE``. ``options`` are extra gRPC channel options, overriding ours.
     ``max_batch_pairs`` / ``max_batch_bytes``: the largest ``BatchPredict`` call sent (bigger

@@ -42,7 +42,10 @@ MetadataPairs = tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC's ``retryPolicy``: how often and how patiently an ``UNAVAILABLE`` call is retried.
+    """gRPC's ``retryPolicy``: how often and how patiently a call is retried after ``UNAVAILABLE``
+    (no server, or one shutting down) or ``RESOURCE_EXHAUSTED`` (a server shedding load over its
+    concurrency limit). gRPC never retries a request larger than its retry buffer (256 KiB), so a
+    message refused for its size is not sent again.
 
     ``max_attempts`` counts the first try (1 disables retries; gRPC allows at most 5). The n-th
     retry waits a random time in ``[0, min(initial_backoff * backoff_multiplier**(n-1),
@@ -86,7 +89,9 @@ def service_config(retry: RetryPolicy, *, wait_for_ready: bool = False) -> dict[
             "initialBackoff": _duration(retry.initial_backoff),
             "maxBackoff": _duration(retry.max_backoff),
             "backoffMultiplier": retry.backoff_multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # RESOURCE_EXHAUSTED: the server sheds calls over --max-concurrent-rpcs, and a burst
+            # passes; jittered backoff spreads the retries out.
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         }
     return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
 

@@ -28,7 +28,7 @@ def test_service_config_retries_unavailable_for_every_method_round_robin() -> No
         "initialBackoff": "0.25s",
         "maxBackoff": "3s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
     # Deadlines are per call (see _config's docstring), never in the service config.
     assert "timeout" not in method
