@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -26,7 +26,9 @@ from mfserve.server.metrics import count_unknown
 
 __all__ = [
     "MAX_DETAIL_ID_CHARS",
+    "MAX_ECHOED_BYTES",
     "MAX_NAMED_IDS",
+    "MAX_TRAILER_BYTES",
     "ServiceError",
     "UnknownId",
     "abort",
@@ -38,17 +40,29 @@ __all__ = [
     "resource_type",
     "show",
     "unavailable",
+    "undecodable",
 ]
 
 # How many unknown ids a NOT_FOUND message and its detail name; the rest are only counted, so a
 # batch of 100,000 unknown ids cannot make a 2 MB error message.
 MAX_NAMED_IDS = 5
-# Ids are echoed back in messages; a pathological 1 MB id must not be.
-MAX_ECHOED_CHARS = 80
-# The longest id a ResourceInfo carries, whole (a cut id would name a different resource). Bound so
-# that the trailer (MAX_NAMED_IDS per field, two fields) stays well under gRPC's default 8 KiB
-# metadata limit, past which the client would see the call fail instead of the error.
+# Ids are echoed back in messages, cut to this many bytes of (JSON-escaped) UTF-8: a pathological
+# 1 MB id must not be, and a byte bound, unlike a character one, also bounds ids of emoji or
+# control characters, which the trailer spells in 3 to 12 bytes a character.
+MAX_ECHOED_BYTES = 64
+# The longest id a ResourceInfo carries, whole (a cut id would name a different resource).
 MAX_DETAIL_ID_CHARS = 256
+# The status travels in the trailers, and a client (gRPC's default) rejects trailers over 8 KiB:
+# the call would fail with "metadata size exceeds soft limit" instead of this error. Named ids are
+# sent in ResourceInfo details only while the trailers stay within this estimate, which leaves
+# room for the other trailers; what does not fit is still counted in the message.
+MAX_TRAILER_BYTES = 7 * 1024
+# What gRPC's percent-encoding of grpc-message leaves as one byte; every other byte costs three.
+_UNESCAPED = bytes(b for b in range(0x20, 0x7F) if b != ord("%"))
+# Per trailer entry, the HTTP/2 size rule adds 32 bytes to the name and value.
+_TRAILER_OVERHEAD = sum(
+    len(name) + 32 for name in ("grpc-status", "grpc-message", "grpc-status-details-bin")
+)
 
 
 @dataclass(frozen=True)
@@ -83,11 +97,11 @@ class ServiceError(Exception):
         self.unknown_ids = tuple(unknown_ids)
 
     def to_status(self) -> grpc.Status:
-        """The ``grpc.Status`` to pass to ``context.abort_with_status``."""
+        """The ``grpc.Status`` to pass to ``context.abort_with_status``: the message, the
+        BadRequest, and a ResourceInfo per named id while they fit in :data:`MAX_TRAILER_BYTES`."""
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        details: list[Message] = []
         if self.violations:
-            details.append(
+            status.details.add().Pack(
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
@@ -95,17 +109,28 @@ class ServiceError(Exception):
                     ]
                 )
             )
-        details.extend(
-            error_details_pb2.ResourceInfo(
-                resource_type=unknown.resource_type,
-                resource_name=unknown.id,
-                description=unknown.field,
+        for unknown in self.unknown_ids:
+            status.details.add().Pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=unknown.resource_type,
+                    resource_name=unknown.id,
+                    description=unknown.field,
+                )
             )
-            for unknown in self.unknown_ids
-        )
-        for detail in details:
-            status.details.add().Pack(detail)
+            if trailer_bytes(status) > MAX_TRAILER_BYTES:
+                del status.details[-1]  # this one and the rest: the message counts them
+                break
         return rpc_status.to_status(status)
+
+
+def trailer_bytes(status: status_pb2.Status) -> int:
+    """The size the status's trailers count for against a client's metadata limit: gRPC counts
+    grpc-message percent-encoded and the binary detail decoded, as the sizes a client reports
+    when it rejects trailers show."""
+    message = status.message.encode()
+    escaped = len(message.translate(None, _UNESCAPED))
+    size: int = status.ByteSize()
+    return _TRAILER_OVERHEAD + 3 + len(message) + 2 * escaped + size
 
 
 async def abort(context: Any, error: ServiceError) -> NoReturn:
@@ -118,15 +143,19 @@ async def abort(context: Any, error: ServiceError) -> NoReturn:
 
 
 def show(value: object) -> str:
-    """A value as messages show it: strings JSON-quoted (so ``""`` for empty), long ones cut."""
-    if isinstance(value, str):
-        if len(value) > MAX_ECHOED_CHARS:
-            return (
-                json.dumps(value[:MAX_ECHOED_CHARS], ensure_ascii=False)
-                + f"... ({len(value)} chars)"
-            )
+    """A value as messages show it: strings JSON-quoted (so ``""`` for empty, control characters
+    escaped), cut after :data:`MAX_ECHOED_BYTES` bytes with a note of the whole length."""
+    if not isinstance(value, str):
+        return str(value)
+    used = kept = 0
+    for char in value[:MAX_ECHOED_BYTES]:  # no more characters than bytes can fit
+        used += len(json.dumps(char, ensure_ascii=False).encode()) - 2
+        if used > MAX_ECHOED_BYTES:
+            break
+        kept += 1
+    if kept == len(value):
         return json.dumps(value, ensure_ascii=False)
-    return str(value)
+    return json.dumps(value[:kept], ensure_ascii=False) + f"... ({len(value)} chars)"
 
 
 def invalid_argument(field: str, value: object, problem: str) -> ServiceError:
@@ -156,7 +185,8 @@ def not_found(
 
     ``unknown`` lists the distinct unknown ids of each field in order of first appearance; only the
     first :data:`MAX_NAMED_IDS` are named, in the message, in one ``BadRequest`` violation per
-    field and in one ``ResourceInfo`` each (unless longer than :data:`MAX_DETAIL_ID_CHARS`).
+    field and in one ``ResourceInfo`` each (unless longer than :data:`MAX_DETAIL_ID_CHARS`, or
+    past what the trailers hold: :meth:`ServiceError.to_status`).
     ``total`` overrides the count (when the caller stopped collecting early). ``hint`` is appended
     to the message (e.g. how to get a cold-start answer).
     """
@@ -193,5 +223,9 @@ def internal(message: str) -> ServiceError:
 
 def malformed(request_class: Any, error: DecodeError) -> ServiceError:
     """``INVALID_ARGUMENT`` for request bytes that do not parse as ``request_class``."""
-    name = request_class.DESCRIPTOR.full_name
-    return invalid_fields(f"the request is not a valid {name}: {error}", "request")
+    return undecodable(request_class.DESCRIPTOR.full_name, error)
+
+
+def undecodable(type_name: str, error: DecodeError) -> ServiceError:
+    """``INVALID_ARGUMENT`` for request bytes that do not parse as the message ``type_name``."""
+    return invalid_fields(f"the request is not a valid {type_name}: {error}", "request")
