@@ -14,7 +14,7 @@ Tokens are stored as SHA-256 digests and a presented token is compared with ever
 comparisons says how much of a token was right. No message ever echoes a token.
 
 A refused call gets its status before its request is even parsed. Refusals are logged at most
-once per ``LOG_EVERY_SECONDS``, with how many there were, so a scanner cannot flood the log.
+once per 10 s, with how many there were, so a scanner cannot flood the log.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import hashlib
 import hmac
 import logging
 import re
-import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from mfserve.server.config import ServerConfig
+from mfserve.server.throttled_log import ThrottledLog
 
 log = logging.getLogger("mfserve.server")
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -45,7 +44,6 @@ REFLECTION_PREFIXES = (
 )
 # RFC 6750's b64token: what a bearer token may be made of (so "#" can start a comment).
 TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-LOG_EVERY_SECONDS = 10.0
 
 OPEN, USER, ADMIN = "open", "user", "admin"
 
@@ -214,9 +212,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.policy = policy
         self._needs: dict[str, str] = {}  # method -> what it needs: looked up per call
         self._refusing: dict[tuple[str, str], Handler] = {}
-        self._lock = threading.Lock()
-        self._refused = 0
-        self._last_log = 0.0
+        self._refusals = ThrottledLog(log)
 
     async def intercept_service(
         self,
@@ -243,19 +239,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return refusing
 
     def _note_refusal(self, method: str, code: grpc.StatusCode, message: str) -> None:
-        with self._lock:
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._last_log < LOG_EVERY_SECONDS:
-                return
-            count, self._refused, self._last_log = self._refused, 0, now
-        log.warning(
+        self._refusals.note(
             "mfserve: refused %d call(s) without a valid token (latest: %s %s: %s)",
-            count,
             method,
             code.name,
             message,
-            extra={"refused": count, "method": method, "code": code.name},
+            extra={"method": method, "code": code.name},
         )
 
 
