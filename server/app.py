@@ -15,7 +15,8 @@ construction path and differ only in how they run it. The pieces it wires togeth
 * ``Security`` (``mfserve.server.security``): TLS or mTLS on the port and the bearer-token
   interceptor (``mfserve.server.auth``), re-read on every reload,
 * interceptors (metrics, the access log, tokens),
-* channel options: message size limits, the concurrent-RPC limit and ``SO_REUSEPORT`` (off unless
+* load shedding over ``--max-concurrent-rpcs`` (``mfserve.server.admission``),
+* channel options: message size limits, the queue of pending calls and ``SO_REUSEPORT`` (off unless
   asked for, so two servers never silently share a port; ``--workers N`` turns it on in its
   worker processes, see ``mfserve.server.workers``),
 * dynamic batching (``max_batch_size``; ``mfserve.server.batching``),
@@ -38,7 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from mfserve.server import metrics
+from mfserve.server import admission, metrics
 from mfserve.server.auth import AuthInterceptor
 from mfserve.server.config import ServerConfig
 from mfserve.server.cpu_pinning import pin_process
@@ -108,6 +109,8 @@ class RecommenderServer:
             max_batch_size=config.max_batch_size,
             reloader=reloader,
         )
+        # The service's calls in flight, shed over --max-concurrent-rpcs (health is exempt).
+        self.admission = admission.Admission(config.max_concurrent_rpcs)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,10 +152,10 @@ class RecommenderServer:
         # grpc.aio.server binds to the running loop, so it is built here rather than in __init__.
         server = grpc.aio.server(
             interceptors=interceptors,
-            options=config.channel_options(),
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=config.channel_options() + admission.channel_options(),
+            maximum_concurrent_rpcs=admission.grpc_limit(config.max_concurrent_rpcs),
         )
-        add_to_server(self.service, server)
+        add_to_server(self.service, server, self.admission)
         add_standard_services(server, self.health, reflection_on=not config.no_reflection)
         tls = self.security.tls
         try:
@@ -176,6 +179,8 @@ class RecommenderServer:
                 raise BindError(f"mfserve: cannot bind metrics on {where}: {exc}") from exc
             self.metrics_port = self._metrics.port
             log.info("mfserve: metrics on %s", config.address(self.metrics_port))
+        if self.reloader is not None:
+            self.reloader.check_folder()  # the first look: the gauge and GetModelInfo say so
         await self._publish_health()
         await server.start()
         self._server, self.port = server, port

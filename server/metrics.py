@@ -103,6 +103,18 @@ class _Metrics:
             ("field",),
             registry=registry,
         )
+        self.folder_readable = Gauge(
+            "mfserve_model_folder_readable",
+            "1 while the model folder and the serving version's files can be read, else 0",
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.shed_calls = Counter(
+            "mfserve_shed_calls_total",
+            "calls answered RESOURCE_EXHAUSTED over --max-concurrent-rpcs, by method",
+            ("method",),
+            registry=registry,
+        )
         self.version_name: str | None = None
         self.lock = threading.Lock()  # label caches are filled from the loop and load threads
         self.method_children: dict[str, tuple[Any, dict[str, Any]]] = {}
@@ -168,11 +180,25 @@ def record_reload(ok: bool) -> None:
         state.reloads.labels("success" if ok else "failure").inc()
 
 
+def set_folder_readable(readable: bool) -> None:
+    """The reloader's last look at the model folder (``mfserve.server.reload``)."""
+    state = _here.state
+    if state is not None:
+        state.folder_readable.set(1 if readable else 0)
+
+
 def count_unknown(field: str, count: int) -> None:
     """``count`` unknown ids in request field ``field`` (a NOT_FOUND answer)."""
     state = _here.state
     if state is not None and count:
         state.unknown_ids.labels(field).inc(count)
+
+
+def count_shed(method: str) -> None:
+    """One call of ``method`` shed over the concurrency limit (``mfserve.server.admission``)."""
+    state = _here.state
+    if state is not None:
+        state.shed_calls.labels(method).inc()
 
 
 def on_swap(model: Any) -> None:
@@ -251,12 +277,16 @@ def serves_here() -> bool:
 
 
 def start_http(
-    host: str, port: int, workers: Callable[[], dict[int, int]] | None = None
+    host: str,
+    port: int,
+    workers: Callable[[], dict[int, int]] | None = None,
+    restarts: Callable[[], dict[int, int]] | None = None,
 ) -> Exporter:
     """Serve ``/metrics`` on ``host:port`` (0: a free port) from a daemon thread.
 
-    In multiprocess mode the workers' files aggregated, and ``workers()`` (pid -> worker number)
-    names the processes whose CPU and memory are added. Raises ``OSError`` when it cannot bind.
+    In multiprocess mode the workers' files aggregated, ``workers()`` (pid -> worker number)
+    names the processes whose CPU and memory are added, and ``restarts()`` (worker number ->
+    count) how often each was restarted. Raises ``OSError`` when it cannot bind.
     """
     from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
@@ -270,7 +300,7 @@ def start_http(
             registry, path=_here.multiproc_dir
         )
         if workers is not None:
-            registry.register(_WorkerProcesses(workers))
+            registry.register(_WorkerProcesses(workers, restarts or dict))
     else:
         registry = _here.state.registry
     # CPU and memory of the process answering (every worker's, separately, above).
@@ -282,10 +312,14 @@ def start_http(
 
 class _WorkerProcesses:
     """``process_cpu_seconds_total`` and ``process_resident_memory_bytes`` of every worker, as
-    ``mfserve_worker_*{worker}`` (read from /proc by prometheus-client's ProcessCollector)."""
+    ``mfserve_worker_*{worker}`` (read from /proc by prometheus-client's ProcessCollector), and
+    the parent's count of each worker's restarts."""
 
-    def __init__(self, workers: Callable[[], dict[int, int]]) -> None:
+    def __init__(
+        self, workers: Callable[[], dict[int, int]], restarts: Callable[[], dict[int, int]]
+    ) -> None:
         self._workers = workers
+        self._restarts = restarts
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client import ProcessCollector
@@ -309,6 +343,14 @@ class _WorkerProcesses:
                         memory.add_metric((str(number),), sample.value)
         yield cpu
         yield memory
+        restarts = CounterMetricFamily(
+            "mfserve_worker_restarts",
+            "times each worker was started again after it died",
+            labels=("worker",),
+        )
+        for number, count in sorted(self._restarts().items()):
+            restarts.add_metric((str(number),), count)
+        yield restarts
 
 
 def _constant(pid: int) -> Callable[[], int]:

@@ -23,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from mfserve.server.admission import Admission
 from mfserve.server.errors import ServiceError, abort, malformed, undecodable
 from mfserve.server.service import SERVICE_NAME, RecommenderService
 from mfserve.v1 import recommender_pb2 as pb
@@ -80,14 +81,40 @@ def _unchained(error: BaseException) -> BaseException:
     return error.with_traceback(None)
 
 
-def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
+def _admitted(start: Start, method: str, admission: Admission) -> Callable[..., Awaitable[Any]]:
+    """:func:`_releasing`'s handler, admitted through ``admission`` first: over the limit, the
+    call is ``RESOURCE_EXHAUSTED`` before its request is even parsed."""
+
+    @functools.wraps(start)
+    async def handler(raw: bytes, context: Context) -> Any:
+        if not admission.enter(method):
+            del raw  # the abort's traceback keeps this frame (_unchained)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.refusal)
+        try:
+            call = start(raw, context)
+            del raw
+            try:
+                return await call
+            except grpc.aio.AbortError as exc:
+                raise _unchained(exc) from None
+        finally:
+            admission.leave()
+
+    return handler
+
+
+def add_to_server(
+    service: RecommenderService, server: grpc.aio.Server, admission: Admission | None = None
+) -> None:
     """Register ``service`` as the generated ``add_RecommenderServiceServicer_to_server`` does,
     but with every handler taking the request's bytes: BatchPredict decodes them itself
     (:meth:`RecommenderService.batch_predict_bytes`), the others parse them with protobuf
     (:func:`_parsing`), and bytes that do not parse are ``INVALID_ARGUMENT`` for all of them.
+    Every call is admitted through ``admission`` (``--max-concurrent-rpcs``; none: unbounded).
 
     Built from the service descriptor, so an RPC added to the proto is registered here too.
     """
+    admission = admission or Admission(None)
     descriptor = pb.DESCRIPTOR.services_by_name["RecommenderService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
@@ -98,11 +125,12 @@ def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
         else:
             start = _parsing(getattr(service, method.name), request_class)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _releasing(start),
+            _admitted(start, method.name, admission),
             request_deserializer=None,  # the bytes as received
             response_serializer=_serialized,
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    generic = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers((generic,))
     # As generated code does since grpcio 1.63 (grpc-stubs predates the method).
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 

@@ -203,6 +203,27 @@ def make_model_dir(root: str | os.PathLike[str], name: str = "synthetic", **shap
     return save_artifact(Path(root) / name, synthetic_artifact(**{**SYNTHETIC_SHAPE, **shape}))
 
 
+class Gate:
+    """A test-only hook: makes ``_predict_rows`` block until released, to hold a call in flight."""
+
+    def __init__(self, handle: ServerThread) -> None:
+        self.entered = 0
+        self.release = threading.Event()
+        service = handle.server.service
+        original = service._predict_rows
+
+        async def gated(*args: Any) -> Any:
+            self.entered += 1  # only touched on the server's loop
+            await asyncio.to_thread(self.release.wait, 30)
+            return await original(*args)
+
+        service._predict_rows = gated  # type: ignore[method-assign]
+
+    def wait_entered(self, calls: int) -> bool:
+        """Wait until ``calls`` calls are held in the gate."""
+        return wait_for(lambda: self.entered >= calls, timeout=30)
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> bool:
     """Poll ``predicate()`` until true or ``timeout`` (for state changes, not timing asserts)."""
     deadline = time.monotonic() + timeout

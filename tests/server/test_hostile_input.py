@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_harness import serve_subprocess, wait_for
 
+from mfserve.server.admission import grpc_limit
 from mfserve.server.errors import show
 from mfserve.server.service import SERVICE_NAME
 from mfserve.v1 import recommender_pb2 as pb
@@ -40,7 +41,9 @@ from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 MESSAGE_MB = 4  # the server's message limit: small, so that going over it is cheap
-MAX_K, MAX_PAIRS, MAX_RPCS = 1_000, 100_000, 256  # the server's defaults
+MAX_K, MAX_PAIRS = 1_000, 100_000  # the server's defaults
+MAX_RPCS = 64  # low, so that a burst goes over it
+GRPC_LIMIT = grpc_limit(MAX_RPCS)  # what gRPC itself admits: health, reflection and the rest
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 EXHAUSTED, UNIMPLEMENTED = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED
@@ -174,7 +177,9 @@ def open_fds(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def live(model_dir: Path, synthetic_model: Any) -> Iterator[Live]:
-    with serve_subprocess(model_dir, "--max-message-mb", str(MESSAGE_MB)) as process:
+    with serve_subprocess(
+        model_dir, "--max-message-mb", str(MESSAGE_MB), "--max-concurrent-rpcs", str(MAX_RPCS)
+    ) as process:
         target = Live(
             process.proc.pid, process.address, synthetic_model.user_ids, synthetic_model.item_ids
         )
@@ -547,11 +552,25 @@ def test_calls_cancelled_mid_batch(live: Live) -> None:
     live.check_serving()
 
 
-def test_more_calls_than_the_concurrency_limit(live: Live) -> None:
-    # Health watches hold a call each until cancelled: past the limit, RESOURCE_EXHAUSTED; once
-    # they are gone, the server answers again.
+def test_a_burst_over_the_concurrency_limit(live: Live) -> None:
+    # Service calls over --max-concurrent-rpcs are shed with RESOURCE_EXHAUSTED naming the flag;
+    # none is CANCELLED by gRPC's queue of pending calls, and health answers throughout.
+    request = pb.TopKRequest(user_id=live.users[0], k=MAX_K)
+    calls = [live.stub.TopK.future(request, timeout=60) for _ in range(3_000)]
+    assert live.code("burst health", live.health.Check, health_pb2.HealthCheckRequest()) == OK
+    codes = Counter(live.settled("burst", call) for call in calls)
+    assert set(codes) <= {OK, EXHAUSTED}, codes
+    shed = [call for call in calls if call.code() == EXHAUSTED]
+    assert all("--max-concurrent-rpcs" in call.details() for call in shed)
+    live.check_serving()
+
+
+def test_more_open_calls_than_grpc_admits(live: Live) -> None:
+    # Health watches hold a call each until cancelled: past gRPC's own bound, RESOURCE_EXHAUSTED;
+    # once they are gone, the server answers again.
     watches = [
-        live.health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(MAX_RPCS + 40)
+        live.health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        for _ in range(GRPC_LIMIT + 40)
     ]
     codes = Counter(live.code("over the limit", next, watch) for watch in watches)
     assert codes[EXHAUSTED] >= 40 and set(codes) <= {OK, EXHAUSTED}, codes
@@ -563,15 +582,15 @@ def test_more_calls_than_the_concurrency_limit(live: Live) -> None:
 
 def test_unary_calls_with_no_request_or_two(live: Live) -> None:
     # A unary call half-closed with no request never reaches a handler (grpc.aio waits for the
-    # message): it ends at the client's deadline and must give its concurrency slot back, so
-    # more of them than the limit leave the server answering.
+    # message): it ends at the client's deadline and must give its slot back, so more of them
+    # than the limit leave the server answering.
     unary = [m for m in METHODS if not m.streams_requests and not m.streams_responses]
     calls = [
         live.channel.stream_unary(unary[i % len(unary)].path).future(iter(()), timeout=1.0)
-        for i in range(MAX_RPCS + 44)
+        for i in range(GRPC_LIMIT + 44)
     ]
     codes = Counter(live.settled("no request", call) for call in calls)
-    assert codes[DEADLINE] >= MAX_RPCS - 10 and set(codes) <= {DEADLINE, EXHAUSTED}, codes
+    assert codes[DEADLINE] >= GRPC_LIMIT - 10 and set(codes) <= {DEADLINE, EXHAUSTED}, codes
     for method in unary:  # a unary call sent two requests
         raw = example(method, live.users, live.items)
         live.code("two requests", live.channel.stream_unary(method.path), iter([raw, raw]), TIMEOUT)

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import running_server_handle, serve_subprocess, wait_for
+from server_harness import Gate, running_server_handle, serve_subprocess, wait_for
 
 from mfserve.server import metrics
 from mfserve.v1 import recommender_pb2 as pb
@@ -176,3 +176,26 @@ def test_calls_refused_for_their_token_are_counted(model_dir: Path, tmp_path: Pa
         after = scrape(handle.server.config.metrics_port)
     assert value(after, calls, **refused) - value(before, calls, **refused) == 2
     assert value(after, calls, **ok, code="OK") - value(before, calls, **ok, code="OK") == 1
+
+
+def test_shed_calls_are_counted_and_logged(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With the limit at 1 and one Predict held in flight, every other call is shed.
+    config = {"metrics_port": free_port(), "max_concurrent_rpcs": 1}
+    with running_server_handle(model_dir, **config) as handle:
+        gate = Gate(handle)
+        before = scrape(handle.server.config.metrics_port)
+        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            predict = pb.PredictRequest(user_id="u1", item_id="i1")
+            held = stub.Predict.future(predict, timeout=60)
+            assert gate.wait_entered(1)
+            for _ in range(4):
+                expect_code(lambda: stub.Predict(predict), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            gate.release.set()
+            held.result(60)
+        after = scrape(handle.server.config.metrics_port)
+    assert moved(before, after, "mfserve_shed_calls_total", method="Predict") == 4
+    shed = [r for r in caplog.records if "over --max-concurrent-rpcs" in r.getMessage()]
+    assert 1 <= len(shed) <= 2  # one line per 10 s, however many calls

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from server_harness import (
+    Gate,
     ServerThread,
     make_model_dir,
     running_server,
@@ -40,27 +39,6 @@ def health_of(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
-
-
-class Gate:
-    """A test-only hook: makes ``_predict_rows`` block until released, to hold a call in flight."""
-
-    def __init__(self, handle: ServerThread) -> None:
-        self.entered = 0
-        self.release = threading.Event()
-        service = handle.server.service
-        original = service._predict_rows
-
-        async def gated(*args: Any) -> Any:
-            self.entered += 1  # only touched on the server's loop
-            await asyncio.to_thread(self.release.wait, 30)
-            return await original(*args)
-
-        service._predict_rows = gated  # type: ignore[method-assign]
-
-    def wait_entered(self, calls: int) -> bool:
-        """Wait until ``calls`` calls are held in the gate."""
-        return wait_for(lambda: self.entered >= calls, timeout=30)
 
 
 @pytest.fixture
@@ -160,13 +138,20 @@ def test_max_concurrent_rpcs_gives_resource_exhausted(
         ]
         # Both held before probing, else a probe could take the second slot and bounce a Predict.
         assert gate.wait_entered(2)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-concurrent-rpcs" in caught.value.details()
+        # Health is not the service: probes answer while it sheds, so a busy server is not
+        # restarted by its orchestrator.
+        assert health_of(handle.address) == SERVING
+        assert handle.server.admission.shed == 3
         gate.release.set()
         assert all(f.result(30).rating > 0 for f in held)
         # Capacity is back once they finish.
         assert stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == 1
+    assert handle.server.admission.active == 0
 
 
 def test_message_size_limits_give_resource_exhausted(model_dir: Path) -> None:
