@@ -13,8 +13,12 @@ One grpc.aio process is bound to one core by the GIL. To use all cores, the pare
    tables are read-only memory maps of the artifact, and everything else was built before the
    fork: all of it is shared between the workers (page cache and copy-on-write) instead of copied;
 4. supervises: forwards SIGTERM/SIGINT to the workers and exits 0 once all of them have stopped
-   gracefully; if a worker fails to start or dies on its own, stops the others and exits 1 (the
-   service manager above decides about restarts).
+   gracefully. A worker that dies on its own (a crash, the OOM killer, SIGKILL) is forked again
+   from the same loaded model after a backoff (0.5 s, doubling to 30 s; counted in
+   ``mfserve_worker_restarts_total``); the other workers keep serving meanwhile, so a client
+   that retries UNAVAILABLE sees no error. A worker that fails to start (at first, or
+   ``MAX_FAILED_STARTS`` times in a row after) stops the server with exit code 1: that fault is
+   not transient, and the service manager above should see it.
 
 The kernel spreads new connections over the workers (per connection, not per call: a client
 with one channel talks to one worker).
@@ -33,7 +37,8 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from types import FrameType
 
 from mfserve.server import metrics
@@ -54,6 +59,14 @@ log = logging.getLogger("mfserve.server")
 SIGNALS = {signal.SIGTERM, signal.SIGINT}
 READY = b"R"
 START_TIMEOUT = 300.0  # seconds for all workers to be serving
+# A worker that dies is started again after a delay that doubles from the first figure to the
+# second, and falls back to the first once a worker has served for STABLE_SECONDS.
+RESTART_BACKOFF = (0.5, 30.0)
+STABLE_SECONDS = 60.0
+# A worker that dies before serving this many times in a row will not start (its port, its
+# model): the parent stops and exits 1, for the service manager above to see.
+MAX_FAILED_STARTS = 5
+TICK_SECONDS = 0.05  # how often the parent looks at its workers while they serve
 _PR_SET_PDEATHSIG = 1
 
 
@@ -111,7 +124,23 @@ def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | Non
         metrics.cleanup_multiprocess()
 
 
+@dataclass
+class _Worker:
+    """One worker number's process, and what its restarts have been."""
+
+    number: int
+    pid: int = 0
+    ready_fd: int | None = None  # the read end of its ready pipe, until it reports or dies
+    serving_since: float | None = None
+    failed_starts: int = 0  # in a row: died before serving
+    restarts: int = 0
+    backoff: float = RESTART_BACKOFF[0]
+    restart_at: float | None = None  # dead, to be started again then
+
+
 class _Supervisor:
+    """Forks the workers, forwards signals, and restarts a worker that dies (module doc, 4)."""
+
     def __init__(
         self,
         config: ServerConfig,
@@ -123,56 +152,68 @@ class _Supervisor:
         self.config = config
         self.model = model
         self.model_path = model_path  # each worker hot-reloads from it on its own
-        self.count = count
         self.reserved = reserved
-        self.pids: dict[int, int] = {}  # pid -> worker number
+        self.workers = [_Worker(number) for number in range(1, count + 1)]
+        self.pids: dict[int, int] = {}  # live pid -> worker number (read by the metrics thread)
         self.stopping = False
         self.failed = False
 
     def run(self) -> int:
-        # Signals stay blocked across the forks: a worker inherits the mask and unblocks once its
-        # own handlers exist (run_until_signal), so an early SIGTERM is a graceful stop there.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {*SIGNALS, signal.SIGHUP})
-        ready: dict[int, int] = {}  # read end of each worker's ready pipe -> pid
-        try:
-            for number in range(1, self.count + 1):
-                read_end, write_end = os.pipe()
-                pid = os.fork()
-                if pid == 0:  # the worker: never returns
-                    os.close(read_end)
-                    _worker_main(
-                        self.config, self.model, number, self.reserved, write_end, self.model_path
-                    )
-                os.close(write_end)
-                self.pids[pid] = number
-                ready[read_end] = pid
+        for worker in self.workers:
+            self._start(worker)
+        # Installed after the first forks (a worker must not inherit them) and before the signals
+        # blocked across them are delivered.
+        with _signals_blocked():
             for signum in SIGNALS:
                 signal.signal(signum, self._forward)
             # SIGHUP is passed on as it is: every worker reloads (mfserve.server.reload).
             signal.signal(signal.SIGHUP, self._forward_reload)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {*SIGNALS, signal.SIGHUP})
-        if self._wait_ready(ready):
+        if self._wait_ready():
             self.reserved.close()  # every worker holds the port now
             self._start_metrics()
-            pids = ", ".join(str(pid) for pid in self.pids)
+            pids = ", ".join(str(worker.pid) for worker in self.workers)
             log.info(
                 "mfserve: %d workers ready on %s (pids %s)",
-                self.count,
+                len(self.workers),
                 self.config.address(),
                 pids,
                 extra=model_fields(self.model),
             )
-        return self._reap()
+        return self._supervise()
+
+    def _start(self, worker: _Worker) -> None:
+        """Fork ``worker``'s process. Signals stay blocked across the fork: the worker inherits the
+        mask and unblocks once its own handlers exist (run_until_signal), so an early SIGTERM is
+        a graceful stop there, and the parent's handlers never run in it."""
+        read_end, write_end = os.pipe()
+        with _signals_blocked():
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns
+                os.close(read_end)
+                _worker_main(
+                    self.config,
+                    self.model,
+                    worker.number,
+                    self.reserved,
+                    write_end,
+                    self.model_path,
+                )
+        os.close(write_end)
+        worker.pid, worker.ready_fd, worker.restart_at = pid, read_end, None
+        worker.serving_since = None
+        self.pids[pid] = worker.number
 
     def _start_metrics(self) -> None:
         """Serve the workers' aggregated metrics from here (after the forks: no worker inherits
-        the listening socket)."""
+        the listening socket; a restarted one closes its copy)."""
         if not self.config.metrics_port:
             return
         try:
             exporter = metrics.start_http(
-                self.config.host, self.config.metrics_port, lambda: dict(self.pids)
+                self.config.host,
+                self.config.metrics_port,
+                lambda: dict(self.pids),
+                lambda: {worker.number: worker.restarts for worker in self.workers},
             )
         except OSError as exc:
             self._stop_all(f"cannot bind metrics on port {self.config.metrics_port}: {exc}")
@@ -197,43 +238,134 @@ class _Supervisor:
             self.failed = True
             self._forward(signal.SIGTERM, None)
 
-    def _wait_ready(self, ready: dict[int, int]) -> bool:
+    def _wait_ready(self) -> bool:
         """Wait until every worker reports serving; False if one failed or a signal came first."""
         deadline = time.monotonic() + START_TIMEOUT
-        try:
-            while ready and not self.stopping:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    self._stop_all(f"workers not serving after {START_TIMEOUT:.0f}s")
+        while not self.stopping:
+            starting = [worker for worker in self.workers if worker.ready_fd is not None]
+            if not starting:
+                return True
+            if time.monotonic() > deadline:
+                self._stop_all(f"workers not serving after {START_TIMEOUT:.0f}s")
+                return False
+            for worker in self._poll_ready(starting, 1.0):
+                if worker.serving_since is None:  # EOF: it died before serving
+                    self._stop_all(f"worker {worker.number} (pid {worker.pid}) failed to start")
                     return False
-                readable, _, _ = select.select(list(ready), [], [], min(timeout, 1.0))
-                for fd in readable:
-                    pid = ready.pop(fd)
-                    message = os.read(fd, 1)
-                    os.close(fd)
-                    if message != READY:  # EOF: the worker died before serving
-                        self._stop_all(f"worker {self.pids[pid]} (pid {pid}) failed to start")
-                        return False
-            return not self.stopping
-        finally:
-            for fd in ready:
-                os.close(fd)
+        return False
 
-    def _reap(self) -> int:
+    def _poll_ready(self, starting: list[_Worker], timeout: float) -> list[_Worker]:
+        """Those of ``starting`` whose ready pipe spoke within ``timeout`` s: serving, or (EOF)
+        dead before serving."""
+        by_fd = {worker.ready_fd: worker for worker in starting if worker.ready_fd is not None}
+        readable, _, _ = select.select(list(by_fd), [], [], timeout)
+        done = []
+        for fd in readable:
+            worker = by_fd[fd]
+            if os.read(fd, 1) == READY:
+                worker.serving_since = time.monotonic()
+            os.close(fd)
+            worker.ready_fd = None
+            done.append(worker)
+        return done
+
+    def _supervise(self) -> int:
+        """Reap workers until all have stopped, restarting those that die while serving."""
         codes: list[int] = []
+        while self.pids or (not self.stopping and self._restarts_due()):
+            for worker, code in self._reap():
+                if self.stopping:
+                    codes.append(code)
+                else:
+                    self._died(worker, code)
+            if not self.stopping:
+                now = time.monotonic()
+                for worker in self.workers:
+                    if worker.restart_at is not None and worker.restart_at <= now:
+                        worker.restarts += 1
+                        self._start(worker)
+            self._tick()
+        for worker in self.workers:
+            if worker.ready_fd is not None:
+                os.close(worker.ready_fd)
+        ok = not self.failed and all(code == 0 for code in codes)
+        log.info("mfserve: all workers stopped")
+        return 0 if ok else 1
+
+    def _restarts_due(self) -> bool:
+        return any(worker.restart_at is not None for worker in self.workers)
+
+    def _reap(self) -> list[tuple[_Worker, int]]:
+        """The workers that exited since the last look, with their exit codes."""
+        exited = []
         while self.pids:
-            pid, status = os.waitpid(-1, 0)  # signal handlers run in between (PEP 475 retries)
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
             number = self.pids.pop(pid, None)
             if number is None:
                 continue
             metrics.worker_exited(pid)  # here, not in the worker: a crashed one counts too
-            code = os.waitstatus_to_exitcode(status)
-            codes.append(code)
-            if code != 0 or not self.stopping:
-                self._stop_all(f"worker {number} (pid {pid}) exited with {code}")
-        ok = not self.failed and all(code == 0 for code in codes)
-        log.info("mfserve: all workers stopped")
-        return 0 if ok else 1
+            exited.append((self.workers[number - 1], os.waitstatus_to_exitcode(status)))
+        return exited
+
+    def _died(self, worker: _Worker, code: int) -> None:
+        """``worker`` exited on its own: start it again after its backoff, unless it keeps dying
+        before it serves (then the fault is not transient: stop, exit 1)."""
+        now = time.monotonic()
+        if worker.ready_fd is not None:  # died before serving
+            os.close(worker.ready_fd)
+            worker.ready_fd = None
+            worker.failed_starts += 1
+        else:
+            worker.failed_starts = 0
+            if worker.serving_since is not None and now - worker.serving_since > STABLE_SECONDS:
+                worker.backoff = RESTART_BACKOFF[0]
+        if worker.failed_starts >= MAX_FAILED_STARTS:
+            self._stop_all(
+                f"worker {worker.number} exited with {code} before serving, "
+                f"{worker.failed_starts} times in a row"
+            )
+            return
+        log.error(
+            "mfserve: worker %d (pid %d) exited with %d; restarting it in %.1fs",
+            worker.number,
+            worker.pid,
+            code,
+            worker.backoff,
+            extra={"worker": worker.number, "exit_code": code},
+        )
+        worker.restart_at = now + worker.backoff
+        worker.backoff = min(worker.backoff * 2, RESTART_BACKOFF[1])
+
+    def _tick(self) -> None:
+        """Wait a little (for a ready pipe, a child's exit or a signal), logging restarts that
+        become ready."""
+        starting = [worker for worker in self.workers if worker.ready_fd is not None]
+        if not starting:
+            time.sleep(TICK_SECONDS)
+            return
+        for worker in self._poll_ready(starting, TICK_SECONDS):
+            if worker.serving_since is not None:
+                log.info(
+                    "mfserve: worker %d restarted (pid %d)",
+                    worker.number,
+                    worker.pid,
+                    extra={"worker": worker.number, "restarts": worker.restarts},
+                )
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    blocked = {*SIGNALS, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
 
 def _worker_main(

@@ -6,12 +6,17 @@ kernel spreads connections, not calls, so every probe opens a fresh connection.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
 from pathlib import Path
 
 import grpc
 from server_harness import ServerProcess, make_model_dir, serve_subprocess, wait_for
 
+from mfserve.server.config import ServerConfig
+from mfserve.server.workers import MAX_FAILED_STARTS, RESTART_BACKOFF, _Supervisor
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -67,16 +72,40 @@ def test_two_workers_answer_and_sigterm_exits_0(model_dir: Path) -> None:
     assert server.log.count("mfserve: stopped") == 2
 
 
-def test_a_worker_that_dies_stops_the_server_with_1(model_dir: Path) -> None:
-    import os
-    import signal
-
-    with serve_subprocess(model_dir, "--workers", "2") as server:
+def test_a_worker_that_dies_is_restarted(model_dir: Path) -> None:
+    with serve_subprocess(model_dir, "--workers", "2", "--access-log") as server:
         pids = wait_ready(server)
         os.kill(pids[0], signal.SIGKILL)
-        assert wait_for(lambda: server.proc.poll() is not None, timeout=60), server.log
-        assert server.proc.returncode == 1
-        assert "stopping the other workers" in server.log
+        restarted = re.compile(r"mfserve: worker 1 restarted \(pid (\d+)\)")
+        assert wait_for(lambda: restarted.search(server.log) is not None, timeout=60), server.log
+        match = restarted.search(server.log)
+        assert match is not None
+        new_pid = int(match[1])
+        assert new_pid not in pids and server.proc.poll() is None
+        assert f"worker 1 (pid {pids[0]}) exited with -9; restarting it" in server.log
+        reach_every_worker(server, [new_pid, pids[1]])
+        assert server.terminate() == 0
+    assert server.log.count("mfserve: stopped") == 2
+
+
+def test_a_worker_that_keeps_dying_before_it_serves_stops_the_server() -> None:
+    # The restart policy alone (no fork): each death doubles the delay up to its cap, and a
+    # worker that dies before serving MAX_FAILED_STARTS times in a row stops the server.
+    supervisor = _Supervisor(ServerConfig(), None, 2, socket.socket())
+    worker = supervisor.workers[0]
+    delays = []
+    for _ in range(MAX_FAILED_STARTS):
+        worker.restart_at = None  # as _start leaves it
+        worker.ready_fd, write_end = os.pipe()  # started, not yet serving
+        os.close(write_end)
+        supervisor._died(worker, 1)
+        if worker.restart_at is not None:
+            delays.append(worker.restart_at)
+    assert supervisor.failed and supervisor.stopping
+    assert len(delays) == MAX_FAILED_STARTS - 1
+    assert worker.backoff == min(
+        RESTART_BACKOFF[0] * 2 ** (MAX_FAILED_STARTS - 1), RESTART_BACKOFF[1]
+    )
 
 
 def pss_mib(pids: list[int]) -> float:
