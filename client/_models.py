@@ -159,6 +159,8 @@ class ModelInfo:
     last_reload_time: datetime | None = None
     last_reload_version: int = 0
     last_reload_error: str = ""
+    # Why the server cannot read its model folder now ("" when it can); it keeps serving.
+    model_folder_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ def model_info(response: Any) -> ModelInfo:
         ),
         last_reload_version=int(response.last_reload_version),
         last_reload_error=str(response.last_reload_error),
+        model_folder_error=str(response.model_folder_error),
     )
 
 

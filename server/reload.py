@@ -12,6 +12,11 @@ expensive there: sha256 of every file, the format and shape checks, the approxim
 (``ModelHolder.load``). Only then is the new ``ServingModel`` published, by one reference
 assignment: a call in flight finishes on the version it started on.
 
+The watcher also checks, every tick, that the folder and the serving version's manifest can
+still be read: a folder deleted or made unreadable under a running server is reported (a log
+line, ``mfserve_model_folder_readable`` 0, ``GetModelInfo``'s ``model_folder_error``) while the
+loaded model keeps serving.
+
 A version that fails to load is refused: a log line, ``GetModelInfo``'s ``last_reload_*`` fields,
 and the version served before keeps serving. The watcher remembers the refused version's files (names,
 sizes, mtimes) and tries it again only when they change, so a half-copied folder is picked up
@@ -87,6 +92,9 @@ class Reloader:
         self.refresh: Callable[[], None] | None = None
         # version -> the signature of its files when it was refused (module doc).
         self._refused: dict[int, tuple[tuple[str, int, int], ...]] = {}
+        # Why the folder or the serving version's files cannot be read ("" when they can); None
+        # before the first look (check_folder).
+        self.folder_error: str | None = None
         self._busy = threading.Lock()
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="mfserve-reload", initializer=_lower_priority
@@ -160,7 +168,12 @@ class Reloader:
             await asyncio.sleep(self.poll_seconds)
             if self.refresh is not None:
                 self.refresh()
-            newest = self._newest()
+            if self.check_folder():
+                continue  # reported; the loaded model keeps serving
+            try:
+                newest = self._newest()
+            except OSError:  # gone since the check: the next tick reports it
+                continue
             serving = self._serving_version()
             if newest is None or (serving is not None and newest <= serving):
                 continue
@@ -170,6 +183,27 @@ class Reloader:
             with contextlib.suppress(ReloadError):
                 await self.reload(newest, reason="new version in the model folder")
             # (Nothing else can escape: _reload turns every load failure into a refusal.)
+
+    def check_folder(self) -> str:
+        """Why the model folder or the serving version's manifest cannot be read now ("" when
+        they can). A change is logged and sets ``mfserve_model_folder_readable``; the loaded
+        model is in memory (its tensors memory-mapped, which outlives the files' deletion), so
+        it keeps serving either way."""
+        problem = _unreadable(self.folder, self._serving_version())
+        if problem != self.folder_error:
+            if problem:
+                log.error(
+                    "mfserve: model folder %s %s; still serving %s",
+                    self.folder,
+                    problem,
+                    describe(self.holder.current),
+                    extra=model_fields(self.holder.current),
+                )
+            elif self.folder_error is not None:
+                log.info("mfserve: model folder %s can be read again", self.folder)
+            self.folder_error = problem
+            metrics.set_folder_readable(not problem)
+        return problem
 
     # ----------------------------------------------------------------- the load itself
     def _reload(self, version: int | None, reason: str) -> tuple[int, bool]:
@@ -231,6 +265,19 @@ class Reloader:
     def _serving_version(self) -> int | None:
         current = self.holder.current
         return None if current is None else int(current.artifact.version)
+
+
+def _unreadable(folder: Path, version: int | None) -> str:
+    """What stops ``folder`` from being listed, or ``version``'s manifest from being read."""
+    try:
+        with os.scandir(folder):
+            pass
+        if version is not None:
+            with open(folder / str(version) / MANIFEST, "rb") as manifest:
+                manifest.read(1)
+    except OSError as exc:
+        return f"cannot be read: {exc}"
+    return ""
 
 
 def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:

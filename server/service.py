@@ -373,6 +373,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
                 response.last_reload_time.FromDatetime(state.time)
             response.last_reload_version = state.version
             response.last_reload_error = state.error
+            response.model_folder_error = self.reloader.folder_error or ""
         return response
 
     @_rpc

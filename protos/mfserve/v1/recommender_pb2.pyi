@@ -126,7 +126,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "create_time", "factors", "rank_factors", "user_count", "item_count", "rating_count", "rating_min", "rating_max", "metrics", "format_version", "dataset_fingerprint", "hyperparameters", "last_reload_time", "last_reload_version", "last_reload_error")
+    __slots__ = ("model_name", "model_version", "create_time", "factors", "rank_factors", "user_count", "item_count", "rating_count", "rating_min", "rating_max", "metrics", "format_version", "dataset_fingerprint", "hyperparameters", "last_reload_time", "last_reload_version", "last_reload_error", "model_folder_error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class GetModelInfoResponse(_message.Message):
     LAST_RELOAD_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FOLDER_ERROR_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     create_time: _timestamp_pb2.Timestamp
@@ -175,7 +176,8 @@ class GetModelInfoResponse(_message.Message):
     last_reload_time: _timestamp_pb2.Timestamp
     last_reload_version: int
     last_reload_error: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., factors: _Optional[int] = ..., rank_factors: _Optional[int] = ..., user_count: _Optional[int] = ..., item_count: _Optional[int] = ..., rating_count: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., format_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., last_reload_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reload_version: _Optional[int] = ..., last_reload_error: _Optional[str] = ...) -> None: ...
+    model_folder_error: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., factors: _Optional[int] = ..., rank_factors: _Optional[int] = ..., user_count: _Optional[int] = ..., item_count: _Optional[int] = ..., rating_count: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., format_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., last_reload_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reload_version: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., model_folder_error: _Optional[str] = ...) -> None: ...
 
 class ReloadModelRequest(_message.Message):
     __slots__ = ("version",)
