@@ -18,7 +18,9 @@ HTTP/2 flow control (at most one window of request bytes each).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from mfserve.server import metrics
 from mfserve.server.throttled_log import ThrottledLog
@@ -29,6 +31,10 @@ log = logging.getLogger("mfserve.server")
 # default 1,000, and its hard limit, default 3,000): measured, a burst of 10,000 TopK calls on one
 # channel got 6,973 CANCELLED with the defaults and none with this bound.
 PENDING_CALLS = 100_000
+# The drain before a shutdown (Admission.drain): refuse until no call came for this long...
+DRAIN_QUIET_SECONDS = 0.05
+# ...or this long has passed, under a load that never pauses.
+DRAIN_SECONDS = 1.0
 # Calls beyond the service's limit that gRPC itself still admits: health probes and watches,
 # reflection, and the service calls this module sheds (each is admitted for as long as it takes
 # to refuse it).
@@ -45,6 +51,8 @@ class Admission:
         self.limit = limit
         self.active = 0
         self.shed = 0
+        self.draining = False
+        self.last_arrival = 0.0  # monotonic time of the latest call, while draining
         self._log = ThrottledLog(log)
         self.refusal = (
             f"the server is at its limit of {limit} concurrent calls (--max-concurrent-rpcs); "
@@ -52,7 +60,11 @@ class Admission:
         )
 
     def enter(self, method: str) -> bool:
-        """Admit a call of ``method`` (then :meth:`leave` when it ends), or count it shed."""
+        """Admit a call of ``method`` (then :meth:`leave` when it ends), or count it shed.
+        While :meth:`drain` runs nothing is admitted (the caller answers UNAVAILABLE)."""
+        if self.draining:
+            self.last_arrival = time.monotonic()
+            return False
         if self.limit is not None and self.active >= self.limit:
             self.shed += 1
             metrics.count_shed(method)
@@ -68,6 +80,22 @@ class Admission:
 
     def leave(self) -> None:
         self.active -= 1
+
+    async def drain(self, quiet: float = DRAIN_QUIET_SECONDS, most: float = DRAIN_SECONDS) -> None:
+        """Refuse new calls until ``quiet`` seconds pass with none arriving (at most ``most``).
+
+        Why: gRPC's shutdown cancels every call the C core has received but not yet handed to
+        Python, so a server stopped under load answered some callers CANCELLED, which SDKs do not
+        retry. Refusing here with UNAVAILABLE empties that queue at the speed of a refusal, and the
+        callers retry elsewhere; the calls already admitted run on and finish within the grace.
+        """
+        self.draining = True
+        started = self.last_arrival = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - self.last_arrival >= quiet or now - started >= most:
+                return
+            await asyncio.sleep(quiet / 4)
 
 
 def grpc_limit(limit: int | None) -> int | None:

@@ -241,6 +241,7 @@ class RecommenderServer:
         log.info("mfserve: shutting down (grace %.1fs)", grace)
         # Load balancers watching health stop routing here before the listener closes.
         await self.health.enter_graceful_shutdown()
+        await self.admission.drain()  # new calls UNAVAILABLE, not cancelled (Admission.drain)
         await self._server.stop(grace)
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.close)

@@ -28,6 +28,7 @@ from mfserve.server.errors import ServiceError, abort, malformed, undecodable
 from mfserve.server.service import SERVICE_NAME, RecommenderService
 from mfserve.v1 import recommender_pb2 as pb
 
+SHUTTING_DOWN = "the server is shutting down; retry on another"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -89,6 +90,8 @@ def _admitted(start: Start, method: str, admission: Admission) -> Callable[..., 
     async def handler(raw: bytes, context: Context) -> Any:
         if not admission.enter(method):
             del raw  # the abort's traceback keeps this frame (_unchained)
+            if admission.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.refusal)
         try:
             call = start(raw, context)

@@ -57,6 +57,7 @@ from mfserve.server.threads import set_torch_threads
 log = logging.getLogger("mfserve.server")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT}
+HANDLED = {*SIGNALS, signal.SIGHUP}
 READY = b"R"
 START_TIMEOUT = 300.0  # seconds for all workers to be serving
 # A worker that dies is started again after a delay that doubles from the first figure to the
@@ -95,6 +96,15 @@ def reserve_port(host: str, port: int) -> socket.socket:
 def serve_workers(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> int:
     """Serve with ``config.workers`` processes (see module doc); returns the exit code."""
     count = worker_count(config)
+    # Blocked from here until the supervisor's handlers exist: a SIGTERM while the model loads
+    # stays pending, and the supervisor then exits 0 without starting anything.
+    with _signals_blocked():
+        return _serve_workers(config, model_path, count)
+
+
+def _serve_workers(
+    config: ServerConfig, model_path: str | os.PathLike[str] | None, count: int
+) -> int:
     reserved = reserve_port(config.host, config.port)
     port = reserved.getsockname()[1]
     try:
@@ -159,15 +169,20 @@ class _Supervisor:
         self.failed = False
 
     def run(self) -> int:
+        """Start the workers and supervise them; returns the exit code. Called with the signals
+        blocked (serve_workers), so that one sent while the model loaded is still pending."""
+        if signal.sigtimedwait(SIGNALS, 0) is not None:  # consumed: told to stop before starting
+            log.info("mfserve: signal received before the workers started; not starting them")
+            return 0
         for worker in self.workers:
             self._start(worker)
-        # Installed after the first forks (a worker must not inherit them) and before the signals
-        # blocked across them are delivered.
-        with _signals_blocked():
-            for signum in SIGNALS:
-                signal.signal(signum, self._forward)
-            # SIGHUP is passed on as it is: every worker reloads (mfserve.server.reload).
-            signal.signal(signal.SIGHUP, self._forward_reload)
+        # Installed after the first forks (a worker must not inherit them); a signal that came
+        # during the forks is delivered to them as the mask is lifted.
+        for signum in SIGNALS:
+            signal.signal(signum, self._forward)
+        # SIGHUP is passed on as it is: every worker reloads (mfserve.server.reload).
+        signal.signal(signal.SIGHUP, self._forward_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         if self._wait_ready():
             self.reserved.close()  # every worker holds the port now
             self._start_metrics()
@@ -360,12 +375,12 @@ class _Supervisor:
 
 @contextlib.contextmanager
 def _signals_blocked() -> Iterator[None]:
-    blocked = {*SIGNALS, signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    """The handled signals blocked inside, and the mask as it was restored after."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _worker_main(
