@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,7 @@ def read_csv_frame(
         except pd.errors.EmptyDataError as error:
             raise DataError("file is empty", path=file.path) from error
         except pd.errors.ParserError as error:
-            raise parser_error(file, error) from error
+            raise parser_error(file, error, text) from error
         except UnicodeDecodeError as error:
             raise encoding_error(file, error) from error
         except ValueError:
@@ -173,13 +174,26 @@ def read_csv_frame(
     raise AssertionError("unreachable")
 
 
-def parser_error(file: SourceFile, error: Exception) -> DataError:
-    """pandas' tokenizer errors (an unclosed quote) count records, not lines: keep its words.
+def parser_error(file: SourceFile, error: Exception, text: TextFormat) -> DataError:
+    """pandas' tokenizer errors (an unclosed quote) name the 0-based line where the bad field
+    starts; the record starting there is read again to name the field its runaway quote opens
+    (the last one the csv module reads: it runs to the end of the file).
 
     Rows with *extra* fields never get here: with ``usecols`` pandas ignores them.
     """
     detail = str(error).removeprefix("Error tokenizing data. C error: ")
-    return DataError(f"cannot parse: {detail}", path=file.path)
+    at = _RECORD.search(detail)
+    if at is None:
+        return DataError(f"cannot parse: {detail}", path=file.path)
+    line = int(at[1]) + 1
+    message = f"cannot parse: {_RECORD.sub('', detail)}"
+    records = iter_records(file, text)
+    column = next((len(fields) for start, fields in records if start == line), None)
+    return DataError(message, path=file.path, line=line, column=column)
+
+
+# Where pandas says a field that never ends started.
+_RECORD = re.compile(r" starting at row (\d+)")
 
 
 def encoding_error(file: SourceFile, error: UnicodeDecodeError) -> DataError:

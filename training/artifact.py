@@ -15,6 +15,7 @@ nothing here can execute code, and several server processes share the pages of o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,6 +46,11 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
 class ArtifactError(Exception):
     """The artifact is missing, corrupt, of another format version, or unsafe to load."""
+
+
+class ArtifactWriteError(ArtifactError, OSError):
+    """A new version could not be written (a full disk, a read-only folder, a file in the way);
+    nothing of it is left behind. An ``OSError`` too, as the failure it reports."""
 
 
 @dataclass(frozen=True)
@@ -122,12 +128,44 @@ def list_versions(root: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name))
 
 
+def check_writable(root: str | os.PathLike[str]) -> None:
+    """Raise :class:`ArtifactWriteError` now if no version could be written under ``root``
+    (read-only, a file in the way): before hours of training, not after. Probes with a folder
+    made and removed in ``root`` or its nearest existing parent, so it leaves nothing behind."""
+    root = Path(root)
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        Path(tempfile.mkdtemp(prefix=".staging-", dir=existing)).rmdir()
+    except OSError as exc:
+        raise _write_error(root, exc) from exc
+
+
+def _write_error(root: Path, exc: OSError | SafetensorError) -> ArtifactWriteError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = getattr(exc, "filename", None) or root
+    return ArtifactWriteError(
+        f"{where}: cannot write the new model version: {reason}; nothing was saved"
+    )
+
+
 def save_artifact(root: str | os.PathLike[str], artifact: ModelArtifact) -> Path:
     """Write ``artifact`` as the next numbered version under ``root`` and return its folder.
 
     Versions are never overwritten: if another writer takes the number first, the next one is used.
     """
     root = Path(root)
+    try:
+        return _write_version(root, artifact)
+    except (OSError, SafetensorError) as exc:
+        raise _write_error(root, exc) from exc
+
+
+def _write_version(root: Path, artifact: ModelArtifact) -> Path:
+    """:func:`save_artifact`'s work: a staging folder, renamed into place once complete."""
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:

@@ -16,6 +16,7 @@ from mfserve.training.config import DefaultsOnceFormatter
 
 DEFAULT_MODEL_DIR = "models/movielens"
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 1  # the data was fine; the model could not be written (disk full, read-only)
 
 _DATA_HELP = (
     "ratings to train on: a MovieLens folder or .zip (ml-latest-small, ml-latest, ml-25m, ml-32m, "
@@ -157,6 +158,7 @@ def _fail(message: str) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from mfserve.training.artifact import ArtifactWriteError
     from mfserve.training.config import config_from_args
     from mfserve.training.data import DataError
     from mfserve.training.pipeline import train_and_save
@@ -174,6 +176,9 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     except (DataError, ValueError) as exc:
         return _fail(str(exc))
+    except ArtifactWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     if args.json:
         print(json.dumps({"path": str(path), "metrics": metrics}, indent=2))
     else:

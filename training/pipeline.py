@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfserve.training.artifact import ModelArtifact, load_artifact, save_artifact
+from mfserve.training.artifact import ModelArtifact, check_writable, load_artifact, save_artifact
 from mfserve.training.config import TrainConfig
 from mfserve.training.data import RatingsData, load_ratings
 from mfserve.training.evaluate import (
@@ -91,9 +91,11 @@ def train_and_save(
 ) -> tuple[Path, dict[str, float]]:
     """Load, split, fit, evaluate on the held-out part, and save the next version under ``out``.
 
-    Nothing is written until training and evaluation have succeeded.
+    Nothing is written until training and evaluation have succeeded; a folder that cannot be
+    written (read-only, a file in the way) is an ``ArtifactWriteError`` before training starts.
     """
     config = config or TrainConfig()
+    check_writable(out)
     data = load_ratings(source, progress=progress, **(load_options or {}))
     protocol = protocol_for(data, holdout, split_seed)
     result = fit(

@@ -348,7 +348,9 @@ def test_first_bad_row_wins_and_quoted_lines_count(tmp_path: Path) -> None:
 
 def test_unclosed_quote(tmp_path: Path) -> None:
     path = write(tmp_path / "r.csv", 'user,item,rating\na,b,1\n"a,c,2\n')
-    assert str(error_of(path)) == f"{path}: cannot parse: EOF inside string starting at row 2"
+    assert str(error_of(path)) == f"{path}:3:1: cannot parse: EOF inside string"
+    later = write(tmp_path / "s.csv", 'user,item,rating\na,b,1\n\na,"c,2\nb,c,3\n')
+    assert str(error_of(later)) == f"{later}:4:2: cannot parse: EOF inside string"
 
 
 def test_extra_trailing_fields_are_ignored(tmp_path: Path) -> None:
