@@ -10,6 +10,7 @@ kind and status; the last test prints it (``pytest -s``).
 from __future__ import annotations
 
 import functools
+import json
 import operator
 import os
 import socket
@@ -50,8 +51,10 @@ EXHAUSTED, UNIMPLEMENTED = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.U
 CANCELLED, DEADLINE = grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 TIMEOUT = 10.0
-FUZZ = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+FUZZ = settings(  # scripts/soak.sh runs more
+    max_examples=int(os.environ.get("MFSERVE_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
@@ -721,5 +724,14 @@ def test_the_server_survived_all_of_it(live: Live) -> None:
     print(
         f"RSS warm {live.rss_before} KiB, after {rss_after} KiB ({rss_after / live.rss_before:.3f}x)"
     )
+    report = os.environ.get("MFSERVE_RELIABILITY_REPORT")  # scripts/soak.sh's figures
+    if report:
+        codes: Counter[str] = Counter()
+        for (_, code), n in live.tally.items():
+            codes[code] += n
+        row = {"test": "hostile input", "calls": sum(live.tally.values()), "codes": codes}
+        row.update(rss_before_kib=live.rss_before, rss_after_kib=rss_after)
+        with Path(report).open("a") as out:
+            out.write(json.dumps(row) + "\n")
     assert not [key for key in live.tally if key[1] in {code.name for code in FORBIDDEN}]
     assert rss_after <= 1.2 * live.rss_before, (live.rss_before, rss_after)
