@@ -146,9 +146,8 @@ def check_writable(root: str | os.PathLike[str]) -> None:
 
 def _write_error(root: Path, exc: OSError | SafetensorError) -> ArtifactWriteError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    where = getattr(exc, "filename", None) or root
     return ArtifactWriteError(
-        f"{where}: cannot write the new model version: {reason}; nothing was saved"
+        f"{root}: cannot write the new model version: {reason}; nothing was saved"
     )
 
 
