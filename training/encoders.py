@@ -110,6 +110,11 @@ class IdEncoder:
         """Map ids to indices; an unseen id is an error, never a silent -1."""
         return self._indices(_as_str_index(ids))
 
+    def codes(self, ids: Iterable[Any]) -> npt.NDArray[np.int64]:
+        """Map ids to indices, -1 for an unseen id (the evaluation's test part): one vectorised
+        lookup, where :meth:`index_of` per id cost ~1 s a million ids."""
+        return np.asarray(self._lookup.get_indexer(_as_str_index(ids)), dtype=np.int64)
+
     def _indices(self, index: pd.Index) -> npt.NDArray[np.int64]:
         positions = np.asarray(self._lookup.get_indexer(index), dtype=np.int64)
         unknown = positions < 0

@@ -203,8 +203,8 @@ class ProtocolData:
 
 def _codes(encoder: IdEncoder, ids: Sequence[str]) -> np.ndarray:
     """Codes of ``ids`` under ``encoder``, -1 for the unknown ones."""
-    get = encoder.index_of
-    return np.fromiter((-1 if (c := get(i)) is None else c for i in ids), np.int64, len(ids))
+    codes: np.ndarray = encoder.codes(ids)
+    return codes
 
 
 def prepare_protocol(

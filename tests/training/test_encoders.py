@@ -130,3 +130,9 @@ def test_pandas_string_columns_take_the_fast_path() -> None:
     assert encoder.transform(column).tolist() == [1, 0, 1]
     with pytest.raises(TypeError, match="missing"):
         encoder.transform(pd.Series(["a", None], dtype="string"))
+
+
+def test_codes_maps_unseen_ids_to_minus_one() -> None:
+    encoder = IdEncoder().fit(["b", "a", "007"])
+    assert encoder.codes(["a", "zz", "007", 7, "b"]).tolist() == [1, -1, 0, -1, 2]
+    assert encoder.codes([]).tolist() == []
