@@ -28,6 +28,10 @@ from tqdm.auto import tqdm
 from mfserve.training.config import TrainConfig
 
 DEFAULT_RATING_RANGE = (0.5, 5.0)  # MovieLens; fit() takes the data set's own
+# Rating-visits an epoch may spend refreshing the rating head's implicit sums (two sparse
+# matmuls over every rating a refresh, ~50M a second here): 32 refreshes an epoch at 1M ratings,
+# 1 at 20M, every batch up to ~280k (the bundled data: 40 batches an epoch, all refreshed).
+IMPLICIT_NNZ_BUDGET = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -113,30 +117,6 @@ def _normalised_csr(
     return _csr(r, c, vals, (n_rows, n_cols)), _csr(c, r, vals, (n_cols, n_rows))
 
 
-class _SparseMatmul(torch.autograd.Function):
-    """``S @ x`` for a constant CSR ``S`` whose transpose is precomputed.
-
-    torch's own CSR backward re-sorts the indices to transpose ``S`` at every step, which
-    dominated training time; the transpose never changes, so it is built once.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        s: torch.Tensor,
-        s_t: torch.Tensor,
-        x: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.s_t = s_t  # type: ignore[attr-defined]
-        return s @ x
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[None, None, torch.Tensor]:
-        return None, None, ctx.s_t @ grad  # type: ignore[attr-defined]
-
-
 def _fit_rating_head(
     u: torch.Tensor,
     i: torch.Tensor,
@@ -174,12 +154,23 @@ def _fit_rating_head(
         s_u, s_u_t = _normalised_csr(u, i, n_users, n_items)
         s_i, s_i_t = _normalised_csr(i, u, n_items, n_users)
 
+    def implicit_sums() -> tuple[torch.Tensor, torch.Tensor]:
+        """Every user's (item's) implicit term, ``S_u @ y`` (``S_i @ z``)."""
+        with torch.no_grad():
+            return s_u @ y, s_i @ z
+
     def effective() -> tuple[torch.Tensor, torch.Tensor]:
         if not config.implicit:
             return p, q
-        pe = p + _SparseMatmul.apply(s_u, s_u_t, y)  # type: ignore[no-untyped-call]
-        qe = q + _SparseMatmul.apply(s_i, s_i_t, z)  # type: ignore[no-untyped-call]
-        return pe, qe
+        imp_u, imp_i = implicit_sums()
+        return p.detach() + imp_u, q.detach() + imp_i
+
+    # SGD takes sparse gradients: a step then touches the rows a batch looked up, not the
+    # whole tables (at 160k users x 32 factors a dense step moved ~100 MB per batch).
+    sparse = config.optimizer == "sgd"
+
+    def rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(index, table, sparse=sparse)
 
     opt: torch.optim.Optimizer
     if config.optimizer == "adam":
@@ -194,14 +185,30 @@ def _fit_rating_head(
     best_rmse, best_epoch, since_best = math.inf, 0, 0
     best_state = {k: v.detach().clone() for k, v in params.items()}
     bar = tqdm(range(1, config.epochs + 1), desc="rating head", disable=not progress, leave=False)
+    # The implicit sums are two sparse matmuls over every rating: recomputed after every batch
+    # while that is cheap (the bundled data: 40 batches an epoch, every one refreshed), and at
+    # most often enough for IMPLICIT_NNZ_BUDGET rating-visits an epoch on large data (at 1M
+    # ratings, refreshing every batch was 22 of an epoch's 29 s). In between, a batch reads
+    # the sums as they were, its gradients for them are gathered per user (item), and at the
+    # refresh they reach y (z), averaged over the batches since: a summed stale step diverged.
+    n_batches = max(1, math.ceil(n / config.batch_size))
+    refreshes = max(1, min(n_batches, IMPLICIT_NNZ_BUDGET // max(1, 2 * len(u))))
+    window = math.ceil(n_batches / refreshes)
+    if config.implicit:
+        imp_u, imp_i = implicit_sums()
+        grad_u, grad_i = torch.zeros_like(imp_u), torch.zeros_like(imp_i)
+        since = 0
     for epoch in bar:
         perm = torch.randperm(n, generator=g)
         total = 0.0
-        for start in range(0, n, config.batch_size):
+        for batch, start in enumerate(range(0, n, config.batch_size)):
             idx = perm[start : start + config.batch_size]
             bu_idx, bi_idx, br = fu[idx], fi[idx], fr[idx]
-            pe, qe = effective()
-            pu, qi = pe[bu_idx], qe[bi_idx]
+            pu, qi = rows(p, bu_idx), rows(q, bi_idx)
+            if config.implicit:
+                iu = imp_u[bu_idx].requires_grad_()
+                iq = imp_i[bi_idx].requires_grad_()
+                pu, qi = pu + iu, qi + iq
             pred = mu + bu[bu_idx] + bi[bi_idx] + (pu * qi).sum(1)
             mse = torch.mean((pred - br) ** 2)
             # L2 on the looked-up rows only: frequent users/items are regularised per rating,
@@ -211,7 +218,22 @@ def _fit_rating_head(
                 loss = loss + config.bias_reg * torch.mean(bu[bu_idx] ** 2 + bi[bi_idx] ** 2)
             opt.zero_grad(set_to_none=True)
             (loss * loss_scale).backward()
+            refresh = False
+            if config.implicit:
+                assert iu.grad is not None and iq.grad is not None
+                grad_u.index_add_(0, bu_idx, iu.grad)
+                grad_i.index_add_(0, bi_idx, iq.grad)
+                since += 1
+                refresh = (batch + 1) % window == 0 or batch + 1 == n_batches
+                if refresh:
+                    y.grad = (s_u_t @ grad_u).div_(since)
+                    z.grad = (s_i_t @ grad_i).div_(since)
             opt.step()
+            if refresh:
+                imp_u, imp_i = implicit_sums()
+                grad_u.zero_()
+                grad_i.zero_()
+                since = 0
             total += float(mse.detach()) * len(idx)
         row: dict[str, float] = {"epoch": float(epoch), "train_mse": total / n}
         with torch.no_grad():
@@ -236,29 +258,50 @@ def _fit_rating_head(
     return best_state, mu, history, best_epoch
 
 
+def _with_values(pattern: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The CSR ``pattern`` carrying ``values`` (in its own order)."""
+    with warnings.catch_warnings():  # "CSR support is in beta": the ops used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            pattern.crow_indices(),
+            pattern.col_indices(),
+            values,
+            pattern.shape,
+            check_invariants=False,
+        )
+
+
+def _observed_scores(pattern: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``x[a] . other[b]`` for every stored (a, b) of ``pattern``, in its order (an SDDMM: no
+    [nnz, d] temporary, which at 20M ratings x 64 factors would be 5 GB)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scores: torch.Tensor = torch.sparse.sampled_addmm(pattern, x, other.T, beta=0.0).values()
+    return scores
+
+
 def _cg_solve(
     x: torch.Tensor,
     other: torch.Tensor,
     *,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
     conf_minus_1: torch.Tensor,
     reg: float,
     steps: int,
 ) -> torch.Tensor:
     """Batched conjugate gradient for every row ``a`` of ``x`` at once (warm start from ``x``).
 
-    Solves ``(Y^T Y + Y_a^T (C_a - I) Y_a + reg I) x_a = Y_a^T c_a`` where ``Y = other`` and the
-    sparse part is given as (rows, cols, c - 1) triplets; each matvec is O(nnz * d + n * d^2).
+    Solves ``(Y^T Y + Y_a^T (C_a - I) Y_a + reg I) x_a = Y_a^T c_a`` where ``Y = other`` and
+    ``conf_minus_1`` is the CSR ``[len(x), len(other)]`` of ``c - 1``; each matvec is an SDDMM
+    and a sparse matmul, O(nnz * d + n * d^2), with nothing of size nnz x d.
     """
     gram = other.T @ other + reg * torch.eye(other.shape[1])
-    y_obs = other[cols]  # [nnz, d], reused by every matvec
+    weights = conf_minus_1.values()
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        s = (v[rows] * y_obs).sum(1) * conf_minus_1
-        return (v @ gram).index_add_(0, rows, s[:, None] * y_obs)
+        scores = _observed_scores(conf_minus_1, v, other) * weights
+        return torch.addmm(v @ gram, _with_values(conf_minus_1, scores), other)
 
-    b = torch.zeros_like(x).index_add_(0, rows, (conf_minus_1 + 1.0)[:, None] * y_obs)
+    b = _with_values(conf_minus_1, weights + 1.0) @ other
     res = b - matvec(x)
     direction = res.clone()
     rs_old = (res * res).sum(1)
@@ -299,17 +342,20 @@ def _fit_ials(
     x = torch.randn(n_users, d, generator=g) * config.rank_init_std
     y = torch.randn(n_items, d, generator=g) * config.rank_init_std
     reg, steps = config.rank_reg, config.rank_cg_steps
+    by_user = _csr(u, i, conf_minus_1, (n_users, n_items))
+    by_item = _csr(i, u, conf_minus_1, (n_items, n_users))
+    weights = by_user.values()
     losses: list[float] = []
     bar = tqdm(range(config.rank_iters), desc="ranking head", disable=not progress, leave=False)
     for _ in bar:
-        x = _cg_solve(x, y, rows=u, cols=i, conf_minus_1=conf_minus_1, reg=reg, steps=steps)
-        y = _cg_solve(y, x, rows=i, cols=u, conf_minus_1=conf_minus_1, reg=reg, steps=steps)
+        x = _cg_solve(x, y, conf_minus_1=by_user, reg=reg, steps=steps)
+        y = _cg_solve(y, x, conf_minus_1=by_item, reg=reg, steps=steps)
         # Weighted implicit loss without the dense U x I matrix: the all-zeros part is
         # tr(X^T X Y^T Y), the observed part corrects it per interaction.
-        pred = (x[u] * y[i]).sum(1)
+        pred = _observed_scores(by_user, x, y)
         loss = (
             float(((x.T @ x) * (y.T @ y)).sum())
-            + float(((1.0 + conf_minus_1) * (1.0 - pred) ** 2 - pred**2).sum())
+            + float(((1.0 + weights) * (1.0 - pred) ** 2 - pred**2).sum())
             + config.rank_reg * float((x * x).sum() + (y * y).sum())
         ) / max(len(r), 1)
         losses.append(loss)
