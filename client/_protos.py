@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import Message
 
 _F = descriptor_pb2.FieldDescriptorProto
 _STRING, _INT32, _ENUM, _MESSAGE = _F.TYPE_STRING, _F.TYPE_INT32, _F.TYPE_ENUM, _F.TYPE_MESSAGE
@@ -114,7 +113,9 @@ _add_health()
 _add_rpc_status()
 
 
-def _class(full_name: str) -> type[Message]:
+def _class(full_name: str) -> Any:
+    """The message class of ``full_name``. ``Any``: built at run time from the pool, its fields
+    are unknown to a type checker (and protobuf's stubs no longer take ``Message(**fields)``)."""
     return message_factory.GetMessageClass(_pool.FindMessageTypeByName(full_name))
 
 
