@@ -18,7 +18,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,19 +193,3 @@ class Load:
         self._done.result(timeout)
         self._thread.join(timeout)
         return self.result
-
-
-def run_load(
-    address: str, users: Sequence[str], items: Sequence[str], **options: Any
-) -> LoadResult:
-    """A load for ``seconds`` (default :data:`SECONDS`), waited for."""
-    options.setdefault("seconds", SECONDS)
-    with Load(address, users, items, **options) as load:
-        load._thread.join()
-    return load.stop()
-
-
-def during(load: Load, action: Callable[[], Any]) -> Any:
-    """``action()`` once the load is up."""
-    assert load.wait_calls(200), "the load did not start"
-    return action()
