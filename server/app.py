@@ -42,7 +42,7 @@ from grpc_health.v1._async import HealthServicer
 from mfserve.server import admission, metrics
 from mfserve.server.auth import AuthInterceptor
 from mfserve.server.config import ServerConfig
-from mfserve.server.cpu_pinning import pin_process
+from mfserve.server.cpu_pinning import pin_process, usable_cpus
 from mfserve.server.gc_pauses import GcPauses
 from mfserve.server.idle_poll import IdlePoll
 from mfserve.server.interceptors import AccessLogInterceptor, MetricsInterceptor
@@ -301,8 +301,8 @@ def process_cores(config: ServerConfig) -> int:
     """The cores one serving process may count on: 1 when pinned, else its share of them."""
     if config.pin_cpus:
         return 1
-    workers = config.workers or os.cpu_count() or 1
-    return max(1, (os.cpu_count() or 1) // workers)
+    cpus = usable_cpus()
+    return max(1, cpus // (config.workers or cpus))
 
 
 def create_server(

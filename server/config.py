@@ -189,7 +189,8 @@ class ServerConfig:
     # --- performance tuning ---
     workers: int = _option(
         1,
-        "server processes sharing the port, forked after the model loads; 0: one per CPU core",
+        "server processes sharing the port, forked after the model loads; 0: one per usable CPU "
+        "(the affinity mask and a container's cgroup CPU quota)",
         "performance",
     )
     # Applied by serve() only, as binding is process-wide: create_server() leaves the process be.

@@ -85,3 +85,19 @@ def pin_process(cpu: int) -> None:
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setaffinity(tid, {cpu})
     os.sched_setaffinity(0, {cpu})
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: its affinity mask, lowered to a cgroup v2 CPU quota when
+    one is set. ``os.cpu_count()`` counts the host's, so ``--workers 0`` in a container limited
+    to 2 CPUs on a 64-core node would fork 64 workers that share 2 CPUs of time."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"{cgroup_root}/cpu.max") as limits:
+            quota, period = limits.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    return max(1, count)

@@ -49,7 +49,7 @@ from mfserve.server.app import (
     process_cores,
     run_until_signal,
 )
-from mfserve.server.cpu_pinning import cpu_for_worker, pin_process
+from mfserve.server.cpu_pinning import cpu_for_worker, pin_process, usable_cpus
 from mfserve.server.log_format import JsonFormatter, model_fields
 from mfserve.server.model_holder import ModelHolder, ServingModel, describe
 from mfserve.server.threads import set_torch_threads
@@ -72,7 +72,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_count(config: ServerConfig) -> int:
-    return config.workers or os.cpu_count() or 1
+    return config.workers or usable_cpus()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -17,6 +17,7 @@ from mfserve.server.cpu_pinning import (
     PinningError,
     cpu_for_worker,
     parse_cpu_list,
+    usable_cpus,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -129,3 +130,16 @@ def test_a_bad_list_exits_2_naming_it(model_dir: Path) -> None:
     )
     assert result.returncode == 2
     assert "--pin-cpus '0-x'" in result.stderr and "not a CPU number" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1)],
+)
+def test_usable_cpus_follow_a_cgroup_quota(tmp_path: Path, cpu_max: str, expected: int) -> None:
+    # A container's CPU limit is a CFS quota, invisible to os.cpu_count(): 1.5 CPUs of time is
+    # 2 workers' worth, never more than the affinity mask allows.
+    allowed = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    assert usable_cpus(str(tmp_path)) == (allowed if expected is None else min(allowed, expected))
+    assert usable_cpus(str(tmp_path / "absent")) == allowed
