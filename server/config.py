@@ -123,6 +123,16 @@ class ServerConfig:
         flag="--grace",
         metavar="SECONDS",
     )
+    # Client-side balancing resolves addresses when a connection opens: without an age, a client
+    # that connected before a scale-up never reaches the new replicas.
+    max_connection_age_seconds: float = _option(
+        0.0,
+        "ask clients to reconnect (GOAWAY) after a connection is this old, so that they "
+        "re-resolve and reach new replicas; calls in flight get --grace to finish; 0: never",
+        "network",
+        flag="--max-connection-age",
+        metavar="SECONDS",
+    )
     so_reuseport: bool = _option(
         False,
         "several processes bind one port: --workers sets it in its workers",
@@ -244,6 +254,7 @@ class ServerConfig:
             "max_receive_message_bytes": (self.max_receive_message_bytes >= 1024, "at least 1 KiB"),
             "max_send_message_bytes": (self.max_send_message_bytes >= 1024, "at least 1 KiB"),
             "grace_seconds": (self.grace_seconds >= 0, "at least 0"),
+            "max_connection_age_seconds": (self.max_connection_age_seconds >= 0, "at least 0"),
             "poll_seconds": (self.poll_seconds >= 0, "at least 0"),
             "compute_threads": (self.compute_threads >= 0, "at least 0"),
             "max_batch_size": (self.max_batch_size >= 1, "at least 1"),
@@ -269,11 +280,17 @@ class ServerConfig:
         return {name: value for name, value in search.items() if value}
 
     def channel_options(self) -> list[tuple[str, Any]]:
-        return [
+        options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 1 if self.so_reuseport else 0),
             ("grpc.max_receive_message_length", self.max_receive_message_bytes),
             ("grpc.max_send_message_length", self.max_send_message_bytes),
         ]
+        if self.max_connection_age_seconds > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.grace_seconds * 1000)),
+            ]
+        return options
 
 
 # --------------------------------------------------------------------------- flags

@@ -286,8 +286,7 @@ def test_one_worker_per_cpu_of_the_limit(
     tmp_path: Path,
 ) -> None:
     config = load_config(configmap_file(manifests, pod, container), tmp_path, container)
-    # docs/scaling.md's rule. workers = 0 would fork one per CPU of the node (os.cpu_count()),
-    # however few the pod may use.
+    # docs/scaling.md's rule: one worker per CPU of the limit, stated rather than left to 0.
     assert config.workers >= 1
     assert config.workers == quantity(container["resources"]["limits"]["cpu"])
 

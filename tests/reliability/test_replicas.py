@@ -72,3 +72,21 @@ def test_a_replica_killed_under_load_fails_no_call(model_dir: Path, ids: Ids) ->
     assert after_kill > 100, result.summary()
     for survivor in (0, 2):  # the load went on, on both survivors
         assert served_after[survivor] > served_before[survivor], (served_before, served_after)
+
+
+def test_max_connection_age_moves_clients_to_new_connections_without_errors(
+    model_dir: Path, ids: Ids
+) -> None:
+    # A client re-resolves its target when a connection closes: the age is what makes clients
+    # that connected before a scale-up reach the new replicas. Closing must cost no call.
+    users, _ = ids
+    args = ("--access-log", "--max-connection-age", "0.5")
+    with serve_subprocess(model_dir, *args) as server, RecommenderClient(server.address) as client:
+        deadline = time.monotonic() + 3.0
+        calls = 0
+        while time.monotonic() < deadline:
+            client.top_k(users[calls % len(users)], k=5)
+            calls += 1
+        peers = {line.rsplit(" ", 1)[-1] for line in server.lines if "access: " in line}
+    report("max connection age 0.5 s", calls=calls, connections=len(peers))
+    assert len(peers) >= 3, peers
