@@ -105,6 +105,8 @@ class RecommenderServer:
             holder,
             max_batch_pairs=config.max_batch_pairs,
             max_k=config.max_k,
+            max_interactions=config.max_interactions,
+            max_batch_users=config.max_batch_users,
             executor=self._executor,
             max_batch_size=config.max_batch_size,
             reloader=reloader,
@@ -301,8 +303,9 @@ def process_cores(config: ServerConfig) -> int:
     """The cores one serving process may count on: 1 when pinned, else its share of them."""
     if config.pin_cpus:
         return 1
-    cpus = usable_cpus()
-    return max(1, cpus // (config.workers or cpus))
+    cpus: int = usable_cpus()
+    share: int = max(1, cpus // (config.workers or cpus))
+    return share
 
 
 def create_server(

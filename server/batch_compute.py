@@ -11,17 +11,22 @@ from __future__ import annotations
 import numpy as np
 
 from mfserve.server.model_holder import ServingModel
+from mfserve.training.foldin import UserEvidence
 from mfserve.training.scoring import RankedRow, RankRequest
+from mfserve.training.scoring.diversity import diversify, pool_size, tie_stable
 
-PredictPayload = tuple[np.ndarray, np.ndarray]  # user rows, item rows (int64; -1 = unknown)
+# User rows, item rows (int64; -1 = unknown), and the evidence a folded-in user is solved from.
+PredictPayload = tuple[np.ndarray, np.ndarray, UserEvidence | None]
 RankPayload = tuple[int, int, RankRequest]  # query row, k, per-row options
 
 
 def predict_batch(model: ServingModel, payloads: list[PredictPayload]) -> list[np.ndarray]:
     """Ratings for every pair of every call in one pass; each call gets its slice, as a float32
     array (the response packs it as it is: no Python float per rating)."""
+    if any(p[2] is not None for p in payloads):
+        return [_predict_one(model, payload) for payload in payloads]
     if len(payloads) == 1:
-        users, items = payloads[0]
+        users, items, _ = payloads[0]
         return [model.predict(users, items)]
     users = np.concatenate([p[0] for p in payloads])
     items = np.concatenate([p[1] for p in payloads])
@@ -30,11 +35,32 @@ def predict_batch(model: ServingModel, payloads: list[PredictPayload]) -> list[n
     return np.split(ratings, bounds)
 
 
-def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[RankedRow]:
-    ranked = model.ranker.top_k(
-        [p[0] for p in payloads], max(p[1] for p in payloads), [p[2] for p in payloads]
+def _predict_one(model: ServingModel, payload: PredictPayload) -> np.ndarray:
+    users, items, evidence = payload
+    ratings: np.ndarray = (
+        model.predict(users, items)
+        if evidence is None
+        else model.recommender.fold_in.predict(evidence, items)
     )
-    return _cut(ranked, payloads)
+    return ratings
+
+
+def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[RankedRow]:
+    """Folded-in users (a request with ``evidence``) are solved and ranked exactly in the same
+    batch, the rest by the version's ranker; a row asking for diversity ranks a larger pool and
+    is re-ranked from it. Ties are ordered by item row (the order pages rely on)."""
+    fetch = max(pool_size(k) if r.diversity > 0 else k for _, k, r in payloads)
+    ranked = model.recommender.rank_with(
+        model.ranker, [p[0] for p in payloads], fetch, [p[2] for p in payloads]
+    )
+    keys = model.recommender.ranking_tables().keys
+    out = []
+    for row, (_, k, request) in zip(ranked, payloads, strict=True):
+        stable = tie_stable(row)
+        out.append(
+            diversify(stable, keys, k, request.diversity) if request.diversity > 0 else stable
+        )
+    return _cut(out, payloads)
 
 
 def similar_batch(model: ServingModel, payloads: list[RankPayload]) -> list[RankedRow]:

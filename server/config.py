@@ -176,6 +176,12 @@ class ServerConfig:
     # --- limits ---
     max_batch_pairs: int = _option(100_000, "most (user, item) pairs in one BatchPredict", "limits")
     max_k: int = _option(1_000, "largest k of TopK and SimilarItems", "limits", metavar="K")
+    max_interactions: int = _option(
+        1_000, "most interactions one call may send to fold its user in", "limits", metavar="N"
+    )
+    max_batch_users: int = _option(
+        100_000, "most TopK requests in one BatchTopK", "limits", metavar="N"
+    )
     max_concurrent_rpcs: int | None = _option(
         256,
         "calls served at once; more get RESOURCE_EXHAUSTED; 0: unbounded",
@@ -247,6 +253,8 @@ class ServerConfig:
             "metrics_port": (0 <= self.metrics_port <= 65535, "0 to 65535"),
             "max_batch_pairs": (self.max_batch_pairs >= 1, "at least 1"),
             "max_k": (self.max_k >= 1, "at least 1"),
+            "max_interactions": (self.max_interactions >= 1, "at least 1"),
+            "max_batch_users": (self.max_batch_users >= 1, "at least 1"),
             "max_concurrent_rpcs": (
                 self.max_concurrent_rpcs is None or self.max_concurrent_rpcs >= 1,
                 "at least 1, or unbounded",

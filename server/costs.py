@@ -23,7 +23,9 @@ def predict_cost(model: ServingModel, payload: PredictPayload) -> int:
 
 def top_k_cost(model: ServingModel, payload: RankPayload) -> int:
     row, _, request = payload
-    visits: int = model.ranker.visits(row, request)
+    # A folded-in user is ranked by the exact scan whatever ranker the version has.
+    ranker = model.ranker if request.evidence is None else model.recommender.exact
+    visits: int = ranker.visits(row, request)
     return visits
 
 

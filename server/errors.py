@@ -96,6 +96,16 @@ class ServiceError(Exception):
         self.violations = tuple(violations)
         self.unknown_ids = tuple(unknown_ids)
 
+    def within(self, prefix: str) -> ServiceError:
+        """This error about one part of a larger request (``requests[3]``): its fields become
+        ``requests[3].k``, and the message says which part."""
+        return ServiceError(
+            self.code,
+            f"{prefix}: {self.message}",
+            [(f"{prefix}.{field}", f"{prefix}: {text}") for field, text in self.violations],
+            [UnknownId(u.resource_type, u.id, f"{prefix}.{u.field}") for u in self.unknown_ids],
+        )
+
     def to_status(self) -> grpc.Status:
         """The ``grpc.Status`` to pass to ``context.abort_with_status``: the message, the
         BadRequest, and a ResourceInfo per named id while they fit in :data:`MAX_TRAILER_BYTES`."""

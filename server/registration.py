@@ -106,6 +106,35 @@ def _admitted(start: Start, method: str, admission: Admission) -> Callable[..., 
     return handler
 
 
+def _admitted_stream(
+    method: Callable[[Any, Context], AsyncIterator[Any]],
+    request_class: Any,
+    name: str,
+    admission: Admission,
+) -> Callable[[bytes, Context], AsyncIterator[Any]]:
+    """A server-streaming handler from the request's bytes, admitted like a unary call: the
+    whole stream is one call in flight, from its first response to its last."""
+
+    async def handler(raw: bytes, context: Context) -> AsyncIterator[Any]:
+        if not admission.enter(name):
+            del raw
+            if admission.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.refusal)
+        try:
+            try:
+                request = request_class.FromString(raw)
+            except DecodeError as exc:
+                await abort(context, malformed(request_class, exc))
+            del raw
+            async for response in method(request, context):
+                yield response
+        finally:
+            admission.leave()
+
+    return handler
+
+
 def add_to_server(
     service: RecommenderService, server: grpc.aio.Server, admission: Admission | None = None
 ) -> None:
@@ -122,6 +151,15 @@ def add_to_server(
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request_class = getattr(pb, method.input_type.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _admitted_stream(
+                    getattr(service, method.name), request_class, method.name, admission
+                ),
+                request_deserializer=None,
+                response_serializer=_serialized,
+            )
+            continue
         start: Start
         if method.name == "BatchPredict":
             start = service.batch_predict_bytes

@@ -20,7 +20,13 @@ log = logging.getLogger("mfserve.server")
 
 
 def add_scored(
-    items: Any, model: Recommender, rows: list[int], scores: list[float], include_metadata: bool
+    items: Any,
+    model: Recommender,
+    rows: list[int],
+    scores: list[float],
+    include_metadata: bool,
+    *,
+    first_rank: int = 1,
 ) -> None:
     """Append ranked items to a repeated ``ScoredItem`` field (the one per-item loop: output)."""
     # Fields set one by one: protobuf's keyword parsing makes add(item_id=..., ...) twice as slow
@@ -30,7 +36,7 @@ def add_scored(
     titles = artifact.item_titles if include_metadata else None
     genres = artifact.item_genres if include_metadata else None
     add = items.add
-    for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1):
+    for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=first_rank):
         scored = add()
         scored.item_id = ids[row]
         scored.score = score

@@ -20,9 +20,10 @@ takes the server down.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -45,13 +46,16 @@ from mfserve.server.errors import (
     abort,
     internal,
     invalid_argument,
+    invalid_fields,
     malformed,
     not_found,
     unavailable,
 )
+from mfserve.server.fold_in import folded_user, require_known_user
 from mfserve.server.model_holder import ModelHolder, ServingModel
 from mfserve.server.reload import Reloader, ReloadError
 from mfserve.server.responses import add_scored, model_info
+from mfserve.server.top_k import check_top_k, known_rows, prepare_top_k, top_k_response
 from mfserve.server.validation import (
     COLD_START_HINT,
     check_sizes,
@@ -61,6 +65,7 @@ from mfserve.server.validation import (
     unknown_ids,
 )
 from mfserve.server.wire import packed_floats
+from mfserve.training.foldin import UserEvidence
 from mfserve.training.recommender import Recommender
 from mfserve.training.scoring import RankedRow, RankRequest
 from mfserve.v1 import recommender_pb2 as pb
@@ -74,9 +79,9 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 _RATINGS_FIELD = pb.BatchPredictResponse.DESCRIPTOR.fields_by_name["ratings"].number
-# Shared options of the common TopK call (no lists): no allocation per call.
-_RANK_UNSEEN = RankRequest(exclude_seen=True)
-_RANK_ALL = RankRequest(exclude_seen=False)
+# BatchTopK hands the TopK batcher this many users at a time: a full batch (--max-batch-size's
+# default), and a bounded amount of work per flow-control window.
+BATCH_TOP_K_CHUNK = 64
 # A BatchPredict batch stops growing at this many pairs (a call larger than this goes alone): big
 # enough to amortise the per-batch cost, small enough that 64 calls of 100,000 pairs never gather
 # a gigabyte of factors at once.
@@ -110,10 +115,31 @@ def _rpc(
     return handler
 
 
-def _known(rows: np.ndarray) -> torch.Tensor | None:
-    """Known rows as a deny-list tensor, or None when none are known (unknown ids are ignored)."""
-    known = rows[rows >= 0]
-    return torch.from_numpy(known) if known.size else None
+def _stream_rpc(
+    method: Callable[[Any, Request], AsyncIterator[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
+    """:func:`_rpc` for a server-streaming handler: the same error policy, whether the error
+    comes before the first response or between two."""
+
+    @functools.wraps(method)
+    async def handler(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Response]:
+        self.in_flight += 1
+        try:
+            async for response in method(self, request):
+                yield response
+        except ServiceError as error:
+            await abort(context, error)
+        except Exception:
+            log.exception("mfserve: %s failed with an unexpected error", method.__name__)
+            await abort(
+                context, internal(f"{method.__name__} failed: internal error (see the server log)")
+            )
+        finally:
+            self.in_flight -= 1
+
+    return handler
 
 
 class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[misc]
@@ -125,6 +151,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         *,
         max_batch_pairs: int,
         max_k: int,
+        max_interactions: int = 1_000,
+        max_batch_users: int = 100_000,
         executor: Executor | None,
         max_batch_size: int,
         reloader: Reloader | None = None,
@@ -133,6 +161,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         self.reloader = reloader  # None: started without a model path, nothing to reload
         self.max_batch_pairs = max_batch_pairs
         self.max_k = max_k
+        self.max_interactions = max_interactions
+        self.max_batch_users = max_batch_users
         self.in_flight = 0  # calls inside the handlers (event-loop thread only)
         # executor None: batches are computed inline on the event loop.
         options: dict[str, Any] = {
@@ -169,10 +199,15 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     # ------------------------------------------------------------------ compute seam
     # Each returns an awaitable (the batcher's future): this call's share of a batch.
     def _predict_rows(
-        self, model: ServingModel, users: np.ndarray, items: np.ndarray
+        self,
+        model: ServingModel,
+        users: np.ndarray,
+        items: np.ndarray,
+        evidence: UserEvidence | None = None,
     ) -> Awaitable[np.ndarray]:
-        """Ratings for row pairs (-1 = unknown: the cold-start estimate), as float32."""
-        future: Awaitable[np.ndarray] = self.predict_batcher.submit(model, (users, items))
+        """Ratings for row pairs (-1 = unknown: the cold-start estimate), as float32; with
+        ``evidence``, every pair's user is folded in from it."""
+        future: Awaitable[np.ndarray] = self.predict_batcher.submit(model, (users, items, evidence))
         return future
 
     def _top_k_rows(
@@ -203,8 +238,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             )
         return serving
 
-    def _ranking_options(self, request: pb.TopKRequest | pb.SimilarItemsRequest) -> int:
-        """The checks TopK and SimilarItems share: ``k`` (resolved) and non-empty list ids."""
+    def _ranking_options(self, request: pb.SimilarItemsRequest) -> int:
+        """SimilarItems' checks: ``k`` (resolved) and non-empty list ids (TopK: server.top_k)."""
         k: int = resolve_k(request.k, self.max_k)
         require_ids("exclude_item_ids", request.exclude_item_ids)
         require_ids("candidate_item_ids", request.candidate_item_ids)
@@ -213,18 +248,34 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
     # ------------------------------------------------------------------ RPCs
     @_rpc
     async def Predict(self, request: pb.PredictRequest) -> pb.PredictResponse:  # noqa: N802 (gRPC name)
-        user = require_id("user_id", request.user_id)
+        interactions = request.interactions
+        user = request.user_id if interactions else require_id("user_id", request.user_id)
         item = require_id("item_id", request.item_id)
         serving = self._serving()
         model = serving.recommender
-        users, items = model.user_rows([user]), model.item_rows([item])
-        missing_users = [user] if users[0] < 0 else []
-        missing_items = [item] if items[0] < 0 else []
-        if (missing_users or missing_items) and not request.allow_cold_start:
-            raise not_found(
-                {"user_id": missing_users, "item_id": missing_items}, hint=COLD_START_HINT
+        if not interactions:  # the common call: no fold-in bookkeeping
+            users, items = model.user_rows([user]), model.item_rows([item])
+            missing_users = [user] if users[0] < 0 else []
+            missing_items = [item] if items[0] < 0 else []
+            if (missing_users or missing_items) and not request.allow_cold_start:
+                raise not_found(
+                    {"user_id": missing_users, "item_id": missing_items}, hint=COLD_START_HINT
+                )
+            ratings = await self._predict_rows(serving, users, items)
+        else:
+            folded = folded_user(model, user, interactions, self.max_interactions)
+            items = model.item_rows([item])
+            missing_items = [item] if items[0] < 0 else []
+            require_known_user(
+                folded,
+                "user_id",
+                allow_cold_start=request.allow_cold_start,
+                other={"item_id": missing_items},
             )
-        ratings = await self._predict_rows(serving, users, items)
+            users = np.array([folded.row], dtype=np.int64)
+            ratings = await self._predict_rows(serving, users, items, folded.evidence)
+            missing_users = folded.missing_user_ids
+            missing_items = list(dict.fromkeys(missing_items + folded.missing_item_ids))
         return pb.PredictResponse(
             rating=float(ratings[0]),
             model_version=model.artifact.version,
@@ -269,6 +320,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         # protobuf container does. Empty and unknown ids both look up as -1 (no id map holds ""),
         # so only a batch with a -1 pays for the validation scans and the error path.
         check_sizes(len(request.user_ids), len(request.item_ids), self.max_batch_pairs)
+        if request.interactions:
+            return await self._batch_predict_folded(serving, request)
         user_ids, item_ids = list(request.user_ids), list(request.item_ids)
         users, items = model.user_rows(user_ids), model.item_rows(item_ids)
         missing_users: list[str] = []
@@ -294,47 +347,94 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         response.MergeFromString(packed_floats(_RATINGS_FIELD, ratings))
         return response
 
+    async def _batch_predict_folded(
+        self, serving: ServingModel, request: pb.BatchPredictRequest
+    ) -> pb.BatchPredictResponse:
+        """BatchPredict for one user folded in from the request's interactions."""
+        model = serving.recommender
+        user_ids = list(dict.fromkeys(request.user_ids))
+        if len(user_ids) > 1:
+            raise invalid_argument(
+                "user_ids",
+                f"{len(user_ids)} distinct ids",
+                "must hold one user id throughout (or only empty ids) when interactions are "
+                "given: the interactions are that user's",
+            )
+        folded = folded_user(model, user_ids[0], request.interactions, self.max_interactions)
+        item_ids = list(request.item_ids)
+        require_ids("item_ids", item_ids)
+        items = model.item_rows(item_ids)
+        missing_items = unknown_ids(item_ids, items)
+        require_known_user(
+            folded,
+            "user_ids",
+            allow_cold_start=request.allow_cold_start,
+            other={"item_ids": missing_items},
+        )
+        users = np.full(len(items), folded.row, dtype=np.int64)
+        ratings = await self._predict_rows(serving, users, items, folded.evidence)
+        response = pb.BatchPredictResponse(
+            model_version=model.artifact.version,
+            missing_user_ids=folded.missing_user_ids,
+            missing_item_ids=list(dict.fromkeys(missing_items + folded.missing_item_ids)),
+        )
+        response.MergeFromString(packed_floats(_RATINGS_FIELD, ratings))
+        return response
+
     @_rpc
     async def TopK(self, request: pb.TopKRequest) -> pb.TopKResponse:  # noqa: N802 (gRPC name)
-        user = require_id("user_id", request.user_id)
-        k = self._ranking_options(request)
-        # Explicit presence: unset means true; only an explicit false keeps the seen items.
-        exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
+        check_top_k(request, max_k=self.max_k)
         serving = self._serving()
         model = serving.recommender
+        prepared = prepare_top_k(
+            model, request, max_k=self.max_k, max_interactions=self.max_interactions
+        )
+        rows, scores = await self._top_k_rows(serving, prepared.row, prepared.k, prepared.rank)
+        return top_k_response(model, prepared, rows, scores)
 
-        row = model.user_row(user)
-        missing_user = [user] if row < 0 else []
-        candidates: torch.Tensor | None = None
-        missing_candidates: list[str] = []
-        if len(request.candidate_item_ids):
-            rows = model.item_rows(request.candidate_item_ids)
-            missing_candidates = unknown_ids(request.candidate_item_ids, rows)
-            # Unknown candidates are skipped (cold start); an all-unknown allow-list ranks nothing.
-            candidates = torch.from_numpy(rows[rows >= 0])
-        if (missing_user or missing_candidates) and not request.allow_cold_start:
-            raise not_found(
-                {"user_id": missing_user, "candidate_item_ids": missing_candidates},
-                hint=COLD_START_HINT,
+    @_stream_rpc
+    async def BatchTopK(self, request: pb.BatchTopKRequest) -> AsyncIterator[pb.TopKResponse]:  # noqa: N802 (gRPC name)
+        entries = request.requests
+        if not entries:
+            raise invalid_fields(
+                "requests is empty; at least one TopK request is required", "requests"
             )
-        if candidates is None and not len(request.exclude_item_ids):
-            rank = _RANK_UNSEEN if exclude_seen else _RANK_ALL
-        else:
-            rank = RankRequest(
-                exclude_seen=exclude_seen,
-                exclude=_known(model.item_rows(request.exclude_item_ids)),
-                candidates=candidates,
+        if len(entries) > self.max_batch_users:
+            raise invalid_argument(
+                "requests",
+                f"{len(entries)} requests",
+                f"is over the server's maximum of {self.max_batch_users}; split the batch",
             )
-        rows_out, scores = await self._top_k_rows(serving, row, k, rank)
-        response = pb.TopKResponse()
-        response.model_version = model.artifact.version
-        if missing_user or missing_candidates:
-            response.missing_user_ids.extend(missing_user)
-            response.missing_item_ids.extend(missing_candidates)
-            # Deprecated, filled for one more release: clients before the split read only this.
-            response.missing_ids.extend(missing_user + missing_candidates)
-        add_scored(response.items, model, rows_out, scores, request.include_metadata)
-        return response
+        serving = self._serving()  # one version answers the whole stream
+        model = serving.recommender
+        prepared = []
+        for index, entry in enumerate(entries):
+            field = f"requests[{index}]"
+            if entry.page_size or entry.page_token:
+                name = "page_size" if entry.page_size else "page_token"
+                raise invalid_argument(
+                    f"{field}.{name}",
+                    getattr(entry, name),
+                    "paging is TopK's; BatchTopK answers each request's whole list",
+                )
+            try:
+                prepared.append(
+                    prepare_top_k(
+                        model, entry, max_k=self.max_k, max_interactions=self.max_interactions
+                    )
+                )
+            except ServiceError as error:
+                raise error.within(field) from None
+        del entries
+        # A chunk at a time through the TopK batcher, as the reader takes the answers: gRPC's
+        # flow control pauses this generator, so a slow reader holds no compute.
+        for start in range(0, len(prepared), BATCH_TOP_K_CHUNK):
+            chunk = prepared[start : start + BATCH_TOP_K_CHUNK]
+            ranked = await asyncio.gather(
+                *(self._top_k_rows(serving, p.row, p.k, p.rank) for p in chunk)
+            )
+            for entry_prepared, (rows, scores) in zip(chunk, ranked, strict=True):
+                yield top_k_response(model, entry_prepared, rows, scores)
 
     @_rpc
     async def SimilarItems(self, request: pb.SimilarItemsRequest) -> pb.SimilarItemsResponse:  # noqa: N802 (gRPC name)
@@ -356,7 +456,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             raise not_found({"item_id": missing_item, "candidate_item_ids": missing_candidates})
         rank = RankRequest(
             exclude_seen=False,
-            exclude=_known(model.item_rows(request.exclude_item_ids)),
+            exclude=known_rows(model.item_rows(request.exclude_item_ids)),
             candidates=candidates,
         )
         rows_out, scores = await self._similar_rows(serving, row, k, rank)

@@ -72,7 +72,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_count(config: ServerConfig) -> int:
-    return config.workers or usable_cpus()
+    count: int = config.workers or usable_cpus()
+    return count
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -10,6 +10,7 @@ mapped to rows with one dict lookup each; -1 marks an id the model does not know
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from itertools import repeat
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from mfserve.training.artifact import ModelArtifact
+from mfserve.training.foldin import FoldIn, UserEvidence
 from mfserve.training.scoring import (
     DEFAULT_CHUNK,
     ExactRanker,
@@ -31,7 +33,7 @@ from mfserve.training.scoring import (
 )
 from mfserve.training.scoring.ratings import PairKernel, pair_kernel
 
-__all__ = ["UNKNOWN", "RankRequest", "Ranked", "RankedLists", "Recommender"]
+__all__ = ["UNKNOWN", "RankRequest", "Ranked", "RankedLists", "Recommender", "UserEvidence"]
 
 UNKNOWN = -1
 
@@ -57,6 +59,7 @@ class Recommender:
         self._build_lock = threading.Lock()
         self._ranker: Ranker | None = None
         self._rating_kernel: PairKernel | bool | None = False  # False: not built yet
+        self._fold_in: FoldIn | None = None
         tensors = artifact.tensors
         self.global_mean = float(artifact.global_mean)
         self.rating_min, self.rating_max = artifact.rating_range
@@ -137,6 +140,17 @@ class Recommender:
                 kernel = self._rating_kernel
         assert kernel is not True
         return kernel
+
+    @property
+    def fold_in(self) -> FoldIn:
+        """The fold-in solver of this model (:mod:`mfserve.training.foldin`), built on first use."""
+        fold_in = self._fold_in
+        if fold_in is None:
+            with self._build_lock:
+                if self._fold_in is None:
+                    self._fold_in = FoldIn(self.artifact)
+                fold_in = self._fold_in
+        return fold_in
 
     def user_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each user id, -1 where unknown."""
@@ -223,7 +237,47 @@ class Recommender:
     ) -> RankedLists:
         """:meth:`top_k` as Python lists, as :attr:`ranker` answers (the server writes lists)."""
         rows = users.tolist() if isinstance(users, torch.Tensor) else list(users)
-        return self.ranker.top_k(rows, k, _requests(requests, len(rows), _DEFAULT_RANK))
+        return self.rank_with(self.ranker, rows, k, _requests(requests, len(rows), _DEFAULT_RANK))
+
+    def rank_with(
+        self, ranker: Ranker, users: Sequence[int], k: int, requests: Sequence[RankRequest]
+    ) -> RankedLists:
+        """``ranker.top_k``, except for rows whose request carries ``evidence``: those users are
+        folded in and ranked by :meth:`top_k_folded`; the answers keep the batch's order."""
+        folded = [row for row, request in enumerate(requests) if request.evidence is not None]
+        if not folded:
+            return ranker.top_k(users, k, requests)
+        answers: RankedLists = [([], [])] * len(requests)
+        chosen_requests = [requests[row] for row in folded]
+        evidence = [r.evidence for r in chosen_requests if r.evidence is not None]
+        ranked = self.top_k_folded(evidence, k, chosen_requests)
+        for row, answer in zip(folded, ranked, strict=True):
+            answers[row] = answer
+        if len(folded) < len(requests):
+            chosen = set(folded)
+            rest = [row for row in range(len(requests)) if row not in chosen]
+            plain = ranker.top_k([users[row] for row in rest], k, [requests[row] for row in rest])
+            for row, answer in zip(rest, plain, strict=True):
+                answers[row] = answer
+        return answers
+
+    def top_k_folded(
+        self,
+        evidence: Sequence[UserEvidence],
+        k: int,
+        requests: Sequence[RankRequest] | None = None,
+    ) -> RankedLists:
+        """Best ``k`` items for users folded in from ``evidence`` (a known user's evidence adds to
+        what the model knows), exactly; ``exclude_seen`` drops the interacted items too."""
+        reqs = _requests(requests, len(evidence), _DEFAULT_RANK)
+        queries, offsets = self.fold_in.ranking_queries(evidence)
+        return self.exact.top_k_queries(
+            queries,
+            offsets,
+            [e.user for e in evidence],
+            k,
+            [_excluding_interactions(r, e) for r, e in zip(reqs, evidence, strict=True)],
+        )
 
     def similar_items(
         self, items: torch.Tensor, k: int, requests: Sequence[RankRequest] | None = None
@@ -249,6 +303,16 @@ def _requests(
     requests: Sequence[RankRequest] | None, size: int, default: RankRequest
 ) -> Sequence[RankRequest]:
     return requests if requests is not None else [default] * size
+
+
+def _excluding_interactions(request: RankRequest, evidence: UserEvidence) -> RankRequest:
+    """``request`` whose ``exclude_seen`` also drops the items of ``evidence``."""
+    request = dataclasses.replace(request, evidence=None)
+    if not request.exclude_seen or evidence.empty:
+        return request
+    items = torch.from_numpy(evidence.items)
+    exclude = items if request.exclude is None else torch.cat([request.exclude, items])
+    return dataclasses.replace(request, exclude=exclude)
 
 
 def _rows(rows: dict[str, int], ids: Sequence[str]) -> np.ndarray:

@@ -143,7 +143,7 @@ def test_every_field_and_rpc_has_a_comment(
         for s, service in enumerate(source_info.service)
         for r, method in enumerate(service.method)
     ]
-    assert len(fields) > 20 and len(rpcs) == 6  # the walk found the contract
+    assert len(fields) > 20 and len(rpcs) == 7  # the walk found the contract
     undocumented = [name for name, path in [*fields, *rpcs] if not comments.get(path)]
     assert not undocumented, f"no comment line above: {undocumented}"
     messages = [(m.name, (4, i)) for i, m in enumerate(source_info.message_type)]
@@ -153,7 +153,8 @@ def test_every_field_and_rpc_has_a_comment(
 
 # How a field's comment opens, as googleapis marks field behaviour: a request field is Required or
 # Optional with its default; a response field is Always set or says its Default (empty, 0, unset).
-REQUEST_FIELD = re.compile(r"^(Required\.|Optional; default )")
+REQUEST_FIELD = re.compile(r"^(Required( unless [^.]+)?\.|Optional; default )")
+REQUEST_PARTS = {"Interaction"}  # messages that only ever travel inside a request
 RESPONSE_FIELD = re.compile(r"^(Always set|Default )")
 
 
@@ -169,7 +170,7 @@ def test_every_field_comment_states_its_default(
         text = comments[path]
         if field.options.deprecated:
             ok = text.startswith("Deprecated; default ")
-        elif message.endswith("Request"):
+        elif message.endswith("Request") or message in REQUEST_PARTS:
             ok = bool(REQUEST_FIELD.match(text))
         else:
             ok = bool(RESPONSE_FIELD.match(text))

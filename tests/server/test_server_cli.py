@@ -33,9 +33,12 @@ SAMPLES: dict[str, tuple[list[str], dict[str, object]]] = {
     "--host": (["::1"], {"host": "::1"}),
     "--port": (["0"], {"port": 0}),
     "--grace": (["0.5"], {"grace_seconds": 0.5}),
+    "--max-connection-age": (["300"], {"max_connection_age_seconds": 300.0}),
     "--metrics-port": (["9100"], {"metrics_port": 9100}),
     "--max-batch-pairs": (["10"], {"max_batch_pairs": 10}),
     "--max-k": (["7"], {"max_k": 7}),
+    "--max-interactions": (["50"], {"max_interactions": 50}),
+    "--max-batch-users": (["500"], {"max_batch_users": 500}),
     "--max-concurrent-rpcs": (["0"], {"max_concurrent_rpcs": None}),
     "--max-message-mb": (
         ["2"],

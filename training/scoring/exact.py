@@ -114,6 +114,28 @@ class ExactRanker:
             self_items=None,
         )
 
+    def top_k_queries(
+        self,
+        queries: np.ndarray,
+        offsets: np.ndarray | None,
+        users: Sequence[int],
+        k: int,
+        requests: Sequence[RankRequest],
+    ) -> RankedLists:
+        """Best ``k`` items for query vectors solved at call time (a folded-in user), through the
+        general path; ``users[j]`` (-1: none) is whose seen items ``exclude_seen`` drops."""
+        return self._rank(
+            torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)),
+            key_scale=None,
+            key_bias=self._key_bias,
+            offset=None if offsets is None else torch.from_numpy(offsets),
+            k=k,
+            requests=list(requests),
+            seen_users=np.asarray(users, dtype=np.int64),
+            popular_rows=None,
+            self_items=None,
+        ).lists()
+
     def _top_k_known(
         self, user_rows: np.ndarray, k: int, requests: list[RankRequest]
     ) -> RankedLists | None:

@@ -17,6 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from mfserve.training.artifact import ModelArtifact
+    from mfserve.training.foldin import UserEvidence
 
 RankedRow = tuple[list[int], list[float]]  # item rows and scores, best first
 RankedLists = list[RankedRow]
@@ -30,11 +31,21 @@ class RankRequest:
     exclude_seen: bool = True
     exclude: torch.Tensor | None = None  # int64 item rows never to return
     candidates: torch.Tensor | None = None  # int64 item rows: rank only these
+    # Interactions sent with the call: the row's user is folded in from them and ranked by
+    # Recommender.top_k_folded (exactly); a Ranker is never handed such a row.
+    evidence: UserEvidence | None = None
+    # In (0, 1]: the row's answer is re-ranked for variety (scoring.diversity) from a pool of
+    # pool_size(k) items, after ranking; rankers rank as for any row.
+    diversity: float = 0.0
 
     @property
     def plain(self) -> bool:
         """Neither an allow-list nor a deny-list: what every fast path serves."""
-        return self.candidates is None and (self.exclude is None or not self.exclude.numel())
+        return (
+            self.candidates is None
+            and self.evidence is None
+            and (self.exclude is None or not self.exclude.numel())
+        )
 
 
 class RankingTables(NamedTuple):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmfserve/v1/recommender.proto\x12\nmfserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x0ePredictRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x18\n\x10\x61llow_cold_start\x18\x03 \x01(\x08\"l\n\x0fPredictResponse\x12\x0e\n\x06rating\x18\x01 \x01(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x18\n\x10missing_user_ids\x18\x03 \x03(\t\x12\x18\n\x10missing_item_ids\x18\x04 \x03(\t\"S\n\x13\x42\x61tchPredictRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x18\n\x10\x61llow_cold_start\x18\x03 \x01(\x08\"r\n\x14\x42\x61tchPredictResponse\x12\x0f\n\x07ratings\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x18\n\x10missing_user_ids\x18\x03 \x03(\t\x12\x18\n\x10missing_item_ids\x18\x04 \x03(\t\"\xbf\x01\n\x0bTopKRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x05 \x03(\t\x12\x18\n\x10include_metadata\x18\x06 \x01(\x08\x12\x18\n\x10\x61llow_cold_start\x18\x07 \x01(\x08\x42\x0f\n\r_exclude_seen\"Y\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0e\n\x06genres\x18\x05 \x03(\t\"\x99\x01\n\x0cTopKResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.mfserve.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x17\n\x0bmissing_ids\x18\x03 \x03(\tB\x02\x18\x01\x12\x18\n\x10missing_user_ids\x18\x04 \x03(\t\x12\x18\n\x10missing_item_ids\x18\x05 \x03(\t\"\x81\x01\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x04 \x03(\t\x12\x18\n\x10include_metadata\x18\x05 \x01(\x08\"T\n\x14SimilarItemsResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.mfserve.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"\xb6\x05\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x66\x61\x63tors\x18\x04 \x01(\x05\x12\x14\n\x0crank_factors\x18\x05 \x01(\x05\x12\x12\n\nuser_count\x18\x06 \x01(\x03\x12\x12\n\nitem_count\x18\x07 \x01(\x03\x12\x14\n\x0crating_count\x18\x08 \x01(\x03\x12\x12\n\nrating_min\x18\t \x01(\x02\x12\x12\n\nrating_max\x18\n \x01(\x02\x12>\n\x07metrics\x18\x0b \x03(\x0b\x32-.mfserve.v1.GetModelInfoResponse.MetricsEntry\x12\x16\n\x0e\x66ormat_version\x18\x0c \x01(\x05\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\r \x01(\t\x12N\n\x0fhyperparameters\x18\x0e \x03(\x0b\x32\x35.mfserve.v1.GetModelInfoResponse.HyperparametersEntry\x12\x34\n\x10last_reload_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13last_reload_version\x18\x10 \x01(\x03\x12\x19\n\x11last_reload_error\x18\x11 \x01(\t\x12\x1a\n\x12model_folder_error\x18\x12 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x12ReloadModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"=\n\x13ReloadModelResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xdc\x03\n\x12RecommenderService\x12\x42\n\x07Predict\x12\x1a.mfserve.v1.PredictRequest\x1a\x1b.mfserve.v1.PredictResponse\x12Q\n\x0c\x42\x61tchPredict\x12\x1f.mfserve.v1.BatchPredictRequest\x1a .mfserve.v1.BatchPredictResponse\x12\x39\n\x04TopK\x12\x17.mfserve.v1.TopKRequest\x1a\x18.mfserve.v1.TopKResponse\x12Q\n\x0cSimilarItems\x12\x1f.mfserve.v1.SimilarItemsRequest\x1a .mfserve.v1.SimilarItemsResponse\x12Q\n\x0cGetModelInfo\x12\x1f.mfserve.v1.GetModelInfoRequest\x1a .mfserve.v1.GetModelInfoResponse\x12N\n\x0bReloadModel\x12\x1e.mfserve.v1.ReloadModelRequest\x1a\x1f.mfserve.v1.ReloadModelResponseB$\n\x0e\x64\x65v.mfserve.v1B\x10RecommenderProtoP\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmfserve/v1/recommender.proto\x12\nmfserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x13\n\x06rating\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x01\x88\x01\x01\x42\t\n\x07_ratingB\t\n\x07_weight\"{\n\x0ePredictRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x18\n\x10\x61llow_cold_start\x18\x03 \x01(\x08\x12-\n\x0cinteractions\x18\x04 \x03(\x0b\x32\x17.mfserve.v1.Interaction\"l\n\x0fPredictResponse\x12\x0e\n\x06rating\x18\x01 \x01(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x18\n\x10missing_user_ids\x18\x03 \x03(\t\x12\x18\n\x10missing_item_ids\x18\x04 \x03(\t\"\x82\x01\n\x13\x42\x61tchPredictRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x18\n\x10\x61llow_cold_start\x18\x03 \x01(\x08\x12-\n\x0cinteractions\x18\x04 \x03(\x0b\x32\x17.mfserve.v1.Interaction\"r\n\x14\x42\x61tchPredictResponse\x12\x0f\n\x07ratings\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x18\n\x10missing_user_ids\x18\x03 \x03(\t\x12\x18\n\x10missing_item_ids\x18\x04 \x03(\t\"\xa8\x02\n\x0bTopKRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x05 \x03(\t\x12\x18\n\x10include_metadata\x18\x06 \x01(\x08\x12\x18\n\x10\x61llow_cold_start\x18\x07 \x01(\x08\x12-\n\x0cinteractions\x18\x08 \x03(\x0b\x32\x17.mfserve.v1.Interaction\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\x12\x11\n\tdiversity\x18\x0b \x01(\x02\x42\x0f\n\r_exclude_seen\"Y\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0e\n\x06genres\x18\x05 \x03(\t\"\xb2\x01\n\x0cTopKResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.mfserve.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x17\n\x0bmissing_ids\x18\x03 \x03(\tB\x02\x18\x01\x12\x18\n\x10missing_user_ids\x18\x04 \x03(\t\x12\x18\n\x10missing_item_ids\x18\x05 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x06 \x01(\t\"=\n\x10\x42\x61tchTopKRequest\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.mfserve.v1.TopKRequest\"\x81\x01\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x04 \x03(\t\x12\x18\n\x10include_metadata\x18\x05 \x01(\x08\"T\n\x14SimilarItemsResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.mfserve.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"\xb6\x05\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x66\x61\x63tors\x18\x04 \x01(\x05\x12\x14\n\x0crank_factors\x18\x05 \x01(\x05\x12\x12\n\nuser_count\x18\x06 \x01(\x03\x12\x12\n\nitem_count\x18\x07 \x01(\x03\x12\x14\n\x0crating_count\x18\x08 \x01(\x03\x12\x12\n\nrating_min\x18\t \x01(\x02\x12\x12\n\nrating_max\x18\n \x01(\x02\x12>\n\x07metrics\x18\x0b \x03(\x0b\x32-.mfserve.v1.GetModelInfoResponse.MetricsEntry\x12\x16\n\x0e\x66ormat_version\x18\x0c \x01(\x05\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\r \x01(\t\x12N\n\x0fhyperparameters\x18\x0e \x03(\x0b\x32\x35.mfserve.v1.GetModelInfoResponse.HyperparametersEntry\x12\x34\n\x10last_reload_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13last_reload_version\x18\x10 \x01(\x03\x12\x19\n\x11last_reload_error\x18\x11 \x01(\t\x12\x1a\n\x12model_folder_error\x18\x12 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x12ReloadModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"=\n\x13ReloadModelResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xa3\x04\n\x12RecommenderService\x12\x42\n\x07Predict\x12\x1a.mfserve.v1.PredictRequest\x1a\x1b.mfserve.v1.PredictResponse\x12Q\n\x0c\x42\x61tchPredict\x12\x1f.mfserve.v1.BatchPredictRequest\x1a .mfserve.v1.BatchPredictResponse\x12\x39\n\x04TopK\x12\x17.mfserve.v1.TopKRequest\x1a\x18.mfserve.v1.TopKResponse\x12\x45\n\tBatchTopK\x12\x1c.mfserve.v1.BatchTopKRequest\x1a\x18.mfserve.v1.TopKResponse0\x01\x12Q\n\x0cSimilarItems\x12\x1f.mfserve.v1.SimilarItemsRequest\x1a .mfserve.v1.SimilarItemsResponse\x12Q\n\x0cGetModelInfo\x12\x1f.mfserve.v1.GetModelInfoRequest\x1a .mfserve.v1.GetModelInfoResponse\x12N\n\x0bReloadModel\x12\x1e.mfserve.v1.ReloadModelRequest\x1a\x1f.mfserve.v1.ReloadModelResponseB$\n\x0e\x64\x65v.mfserve.v1B\x10RecommenderProtoP\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,36 +39,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETMODELINFORESPONSE_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_PREDICTREQUEST']._serialized_start=77
-  _globals['_PREDICTREQUEST']._serialized_end=153
-  _globals['_PREDICTRESPONSE']._serialized_start=155
-  _globals['_PREDICTRESPONSE']._serialized_end=263
-  _globals['_BATCHPREDICTREQUEST']._serialized_start=265
-  _globals['_BATCHPREDICTREQUEST']._serialized_end=348
-  _globals['_BATCHPREDICTRESPONSE']._serialized_start=350
-  _globals['_BATCHPREDICTRESPONSE']._serialized_end=464
-  _globals['_TOPKREQUEST']._serialized_start=467
-  _globals['_TOPKREQUEST']._serialized_end=658
-  _globals['_SCOREDITEM']._serialized_start=660
-  _globals['_SCOREDITEM']._serialized_end=749
-  _globals['_TOPKRESPONSE']._serialized_start=752
-  _globals['_TOPKRESPONSE']._serialized_end=905
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=908
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1037
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1039
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1123
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1125
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1146
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1149
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1843
-  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_start=1741
-  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_end=1787
-  _globals['_GETMODELINFORESPONSE_HYPERPARAMETERSENTRY']._serialized_start=1789
-  _globals['_GETMODELINFORESPONSE_HYPERPARAMETERSENTRY']._serialized_end=1843
-  _globals['_RELOADMODELREQUEST']._serialized_start=1845
-  _globals['_RELOADMODELREQUEST']._serialized_end=1882
-  _globals['_RELOADMODELRESPONSE']._serialized_start=1884
-  _globals['_RELOADMODELRESPONSE']._serialized_end=1945
-  _globals['_RECOMMENDERSERVICE']._serialized_start=1948
-  _globals['_RECOMMENDERSERVICE']._serialized_end=2424
+  _globals['_INTERACTION']._serialized_start=77
+  _globals['_INTERACTION']._serialized_end=171
+  _globals['_PREDICTREQUEST']._serialized_start=173
+  _globals['_PREDICTREQUEST']._serialized_end=296
+  _globals['_PREDICTRESPONSE']._serialized_start=298
+  _globals['_PREDICTRESPONSE']._serialized_end=406
+  _globals['_BATCHPREDICTREQUEST']._serialized_start=409
+  _globals['_BATCHPREDICTREQUEST']._serialized_end=539
+  _globals['_BATCHPREDICTRESPONSE']._serialized_start=541
+  _globals['_BATCHPREDICTRESPONSE']._serialized_end=655
+  _globals['_TOPKREQUEST']._serialized_start=658
+  _globals['_TOPKREQUEST']._serialized_end=954
+  _globals['_SCOREDITEM']._serialized_start=956
+  _globals['_SCOREDITEM']._serialized_end=1045
+  _globals['_TOPKRESPONSE']._serialized_start=1048
+  _globals['_TOPKRESPONSE']._serialized_end=1226
+  _globals['_BATCHTOPKREQUEST']._serialized_start=1228
+  _globals['_BATCHTOPKREQUEST']._serialized_end=1289
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1292
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1421
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1423
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1507
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1509
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1530
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1533
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2227
+  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_start=2125
+  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_end=2171
+  _globals['_GETMODELINFORESPONSE_HYPERPARAMETERSENTRY']._serialized_start=2173
+  _globals['_GETMODELINFORESPONSE_HYPERPARAMETERSENTRY']._serialized_end=2227
+  _globals['_RELOADMODELREQUEST']._serialized_start=2229
+  _globals['_RELOADMODELREQUEST']._serialized_end=2266
+  _globals['_RELOADMODELRESPONSE']._serialized_start=2268
+  _globals['_RELOADMODELRESPONSE']._serialized_end=2329
+  _globals['_RECOMMENDERSERVICE']._serialized_start=2332
+  _globals['_RECOMMENDERSERVICE']._serialized_end=2879
 # @@protoc_insertion_point(module_scope)

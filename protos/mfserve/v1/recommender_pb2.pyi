@@ -9,15 +9,27 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Interaction(_message.Message):
+    __slots__ = ("item_id", "rating", "weight")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    rating: float
+    weight: float
+    def __init__(self, item_id: _Optional[str] = ..., rating: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+
 class PredictRequest(_message.Message):
-    __slots__ = ("user_id", "item_id", "allow_cold_start")
+    __slots__ = ("user_id", "item_id", "allow_cold_start", "interactions")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOW_COLD_START_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     allow_cold_start: bool
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., allow_cold_start: _Optional[bool] = ...) -> None: ...
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., allow_cold_start: _Optional[bool] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("rating", "model_version", "missing_user_ids", "missing_item_ids")
@@ -32,14 +44,16 @@ class PredictResponse(_message.Message):
     def __init__(self, rating: _Optional[float] = ..., model_version: _Optional[int] = ..., missing_user_ids: _Optional[_Iterable[str]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchPredictRequest(_message.Message):
-    __slots__ = ("user_ids", "item_ids", "allow_cold_start")
+    __slots__ = ("user_ids", "item_ids", "allow_cold_start", "interactions")
     USER_IDS_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_COLD_START_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     user_ids: _containers.RepeatedScalarFieldContainer[str]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     allow_cold_start: bool
-    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., allow_cold_start: _Optional[bool] = ...) -> None: ...
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., allow_cold_start: _Optional[bool] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
 
 class BatchPredictResponse(_message.Message):
     __slots__ = ("ratings", "model_version", "missing_user_ids", "missing_item_ids")
@@ -54,7 +68,7 @@ class BatchPredictResponse(_message.Message):
     def __init__(self, ratings: _Optional[_Iterable[float]] = ..., model_version: _Optional[int] = ..., missing_user_ids: _Optional[_Iterable[str]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TopKRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "exclude_item_ids", "candidate_item_ids", "include_metadata", "allow_cold_start")
+    __slots__ = ("user_id", "k", "exclude_seen", "exclude_item_ids", "candidate_item_ids", "include_metadata", "allow_cold_start", "interactions", "page_size", "page_token", "diversity")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +76,10 @@ class TopKRequest(_message.Message):
     CANDIDATE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_METADATA_FIELD_NUMBER: _ClassVar[int]
     ALLOW_COLD_START_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
@@ -69,7 +87,11 @@ class TopKRequest(_message.Message):
     candidate_item_ids: _containers.RepeatedScalarFieldContainer[str]
     include_metadata: bool
     allow_cold_start: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., include_metadata: _Optional[bool] = ..., allow_cold_start: _Optional[bool] = ...) -> None: ...
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    page_size: int
+    page_token: str
+    diversity: float
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., include_metadata: _Optional[bool] = ..., allow_cold_start: _Optional[bool] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., diversity: _Optional[float] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "rank", "title", "genres")
@@ -86,18 +108,26 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TopKResponse(_message.Message):
-    __slots__ = ("items", "model_version", "missing_ids", "missing_user_ids", "missing_item_ids")
+    __slots__ = ("items", "model_version", "missing_ids", "missing_user_ids", "missing_item_ids", "next_page_token")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MISSING_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSING_USER_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSING_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: int
     missing_ids: _containers.RepeatedScalarFieldContainer[str]
     missing_user_ids: _containers.RepeatedScalarFieldContainer[str]
     missing_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., missing_ids: _Optional[_Iterable[str]] = ..., missing_user_ids: _Optional[_Iterable[str]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[int] = ..., missing_ids: _Optional[_Iterable[str]] = ..., missing_user_ids: _Optional[_Iterable[str]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class BatchTopKRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[TopKRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[TopKRequest, _Mapping]]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k", "exclude_item_ids", "candidate_item_ids", "include_metadata")

@@ -56,6 +56,16 @@ class RecommenderServiceStub:
     in every response: `missing_user_ids` and `missing_item_ids`, kept apart
     because a user and an item may share an id (MovieLens user `1` and movie
     `1`).
+
+    Fold-in: `Predict`, `BatchPredict` and `TopK` take the user's
+    `interactions` in the request. The server solves the user's vectors from
+    them against the model's item factors, with the regularisation the model
+    was trained with, and answers from those: a user the model has never seen
+    (an unknown or empty user id) gets personal answers from what they just
+    did, and a known user's interactions add to what the model learned. At
+    most the server's maximum of interactions per call (default 1,000; over
+    it `INVALID_ARGUMENT`). Unknown interaction item ids are skipped and
+    listed in `missing_item_ids`.
     """
 
     def __init__(self, channel):
@@ -77,6 +87,11 @@ class RecommenderServiceStub:
         self.TopK = channel.unary_unary(
                 '/mfserve.v1.RecommenderService/TopK',
                 request_serializer=mfserve_dot_v1_dot_recommender__pb2.TopKRequest.SerializeToString,
+                response_deserializer=mfserve_dot_v1_dot_recommender__pb2.TopKResponse.FromString,
+                _registered_method=True)
+        self.BatchTopK = channel.unary_stream(
+                '/mfserve.v1.RecommenderService/BatchTopK',
+                request_serializer=mfserve_dot_v1_dot_recommender__pb2.BatchTopKRequest.SerializeToString,
                 response_deserializer=mfserve_dot_v1_dot_recommender__pb2.TopKResponse.FromString,
                 _registered_method=True)
         self.SimilarItems = channel.unary_unary(
@@ -127,14 +142,26 @@ class RecommenderServiceServicer:
     in every response: `missing_user_ids` and `missing_item_ids`, kept apart
     because a user and an item may share an id (MovieLens user `1` and movie
     `1`).
+
+    Fold-in: `Predict`, `BatchPredict` and `TopK` take the user's
+    `interactions` in the request. The server solves the user's vectors from
+    them against the model's item factors, with the regularisation the model
+    was trained with, and answers from those: a user the model has never seen
+    (an unknown or empty user id) gets personal answers from what they just
+    did, and a known user's interactions add to what the model learned. At
+    most the server's maximum of interactions per call (default 1,000; over
+    it `INVALID_ARGUMENT`). Unknown interaction item ids are skipped and
+    listed in `missing_item_ids`.
     """
 
     def Predict(self, request, context):
         """Predicts the rating one user would give one item.
 
-        Returns `INVALID_ARGUMENT` for an empty `user_id` or `item_id`, and
+        Returns `INVALID_ARGUMENT` for an empty `item_id`, an empty `user_id`
+        without `interactions`, or a bad interaction (see `Interaction`), and
         `NOT_FOUND` (naming the id) for an id the model does not know unless
-        `allow_cold_start` is set.
+        `allow_cold_start` is set or, for the user, `interactions` name an item
+        the model knows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,8 +172,9 @@ class RecommenderServiceServicer:
 
         Returns `INVALID_ARGUMENT` when `user_ids` and `item_ids` differ in
         length, are empty, hold an empty id, or hold more pairs than the server's
-        batch maximum (default 100,000); `NOT_FOUND` (naming the first unknown
-        ids) unless `allow_cold_start` is set.
+        batch maximum (default 100,000), when `interactions` come with more than
+        one distinct user id, or for a bad interaction; `NOT_FOUND` (naming the
+        first unknown ids) unless `allow_cold_start` is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,10 +183,30 @@ class RecommenderServiceServicer:
     def TopK(self, request, context):
         """Ranks items for one user.
 
-        Returns `INVALID_ARGUMENT` for an empty `user_id`, a negative `k`, `k`
-        over the server's maximum (default 1,000) or an empty id in a list;
-        `NOT_FOUND` for an unknown `user_id` or an unknown id in
-        `candidate_item_ids` unless `allow_cold_start` is set.
+        Returns `INVALID_ARGUMENT` for an empty `user_id` without
+        `interactions`, a negative `k`, `k` over the server's maximum (default
+        1,000), an empty id in a list or a bad interaction; `NOT_FOUND` for an
+        unknown `user_id` (unless `interactions` name an item the model knows) or
+        an unknown id in `candidate_item_ids`, unless `allow_cold_start` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchTopK(self, request, context):
+        """Ranks items for many users in one call, for offline jobs that precompute
+        lists for a whole user base: one `TopKResponse` per request, streamed in
+        request order, each exactly what `TopK` answers for that request (paging
+        aside: `page_size` and `page_token` must be unset). Every response comes
+        from the same model version. The stream honours flow control: the server
+        computes a chunk of users at a time as the reader takes them, so a slow
+        reader costs no compute and blocks no other call.
+
+        Returns `INVALID_ARGUMENT` for an empty `requests`, more requests than
+        the server's maximum (default 100,000), or any request `TopK` would
+        refuse (the field is named as `requests[i].field`); `NOT_FOUND` as
+        `TopK` does, naming `requests[i].user_id`. Every request is checked before
+        the first response is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +268,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     request_deserializer=mfserve_dot_v1_dot_recommender__pb2.TopKRequest.FromString,
                     response_serializer=mfserve_dot_v1_dot_recommender__pb2.TopKResponse.SerializeToString,
             ),
+            'BatchTopK': grpc.unary_stream_rpc_method_handler(
+                    servicer.BatchTopK,
+                    request_deserializer=mfserve_dot_v1_dot_recommender__pb2.BatchTopKRequest.FromString,
+                    response_serializer=mfserve_dot_v1_dot_recommender__pb2.TopKResponse.SerializeToString,
+            ),
             'SimilarItems': grpc.unary_unary_rpc_method_handler(
                     servicer.SimilarItems,
                     request_deserializer=mfserve_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
@@ -274,6 +327,16 @@ class RecommenderService:
     in every response: `missing_user_ids` and `missing_item_ids`, kept apart
     because a user and an item may share an id (MovieLens user `1` and movie
     `1`).
+
+    Fold-in: `Predict`, `BatchPredict` and `TopK` take the user's
+    `interactions` in the request. The server solves the user's vectors from
+    them against the model's item factors, with the regularisation the model
+    was trained with, and answers from those: a user the model has never seen
+    (an unknown or empty user id) gets personal answers from what they just
+    did, and a known user's interactions add to what the model learned. At
+    most the server's maximum of interactions per call (default 1,000; over
+    it `INVALID_ARGUMENT`). Unknown interaction item ids are skipped and
+    listed in `missing_item_ids`.
     """
 
     @staticmethod
@@ -346,6 +409,33 @@ class RecommenderService:
             target,
             '/mfserve.v1.RecommenderService/TopK',
             mfserve_dot_v1_dot_recommender__pb2.TopKRequest.SerializeToString,
+            mfserve_dot_v1_dot_recommender__pb2.TopKResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchTopK(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mfserve.v1.RecommenderService/BatchTopK',
+            mfserve_dot_v1_dot_recommender__pb2.BatchTopKRequest.SerializeToString,
             mfserve_dot_v1_dot_recommender__pb2.TopKResponse.FromString,
             options,
             channel_credentials,
