@@ -37,6 +37,7 @@ from ._exceptions import (
 from ._models import (
     BatchPrediction,
     HealthStatus,
+    Interaction,
     ModelInfo,
     Prediction,
     Recommendation,
@@ -51,6 +52,7 @@ __all__ = [
     "DeadlineExceededError",
     "FieldViolation",
     "HealthStatus",
+    "Interaction",
     "InvalidArgumentError",
     "MfserveError",
     "ModelInfo",

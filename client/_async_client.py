@@ -8,13 +8,14 @@ made in.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import TypeVar
 
 import grpc
 
 from ._base import BaseClient, Call, is_serving, watch_ended
-from ._config import ClientSettings
+from ._config import BATCH_TOP_K_USERS, ClientSettings
 from ._exceptions import translate_errors_async
 from ._models import (
     BatchPrediction,
@@ -25,7 +26,7 @@ from ._models import (
     TopKResult,
     batch_prediction,
 )
-from ._requests import IdsLike
+from ._requests import IdsLike, InteractionsLike
 
 T = TypeVar("T")
 
@@ -69,20 +70,23 @@ class AsyncRecommenderClient(BaseClient[grpc.aio.Channel]):
     # ------------------------------------------------------------------ RPCs
     async def predict(
         self,
-        user_id: object,
+        user_id: object | None,
         item_id: object,
         *,
+        interactions: InteractionsLike | None = None,
         allow_cold_start: bool = False,
         timeout: float | None = None,
     ) -> Prediction:
         """See :meth:`RecommenderClient.predict`."""
-        return await self._send(self._predict(user_id, item_id, allow_cold_start, timeout))
+        call = self._predict(user_id, item_id, allow_cold_start, timeout, interactions)
+        return await self._send(call)
 
     async def batch_predict(
         self,
         user_ids: IdsLike,
         item_ids: IdsLike,
         *,
+        interactions: InteractionsLike | None = None,
         allow_cold_start: bool = False,
         batch_size: int | None = None,
         timeout: float | None = None,
@@ -94,19 +98,24 @@ class AsyncRecommenderClient(BaseClient[grpc.aio.Channel]):
             allow_cold_start=allow_cold_start,
             batch_size=batch_size,
             timeout=timeout,
+            interactions=interactions,
         )
         return batch_prediction([await self._send(call) for call in calls])
 
     async def top_k(
         self,
-        user_id: object,
+        user_id: object | None = None,
         k: int = 10,
         *,
+        interactions: InteractionsLike | None = None,
         exclude_seen: bool = True,
         exclude_item_ids: IdsLike = (),
         candidate_item_ids: IdsLike = (),
         include_metadata: bool = False,
         allow_cold_start: bool = False,
+        diversity: float = 0.0,
+        page_size: int = 0,
+        page_token: str = "",
         timeout: float | None = None,
     ) -> TopKResult:
         """See :meth:`RecommenderClient.top_k`."""
@@ -119,8 +128,48 @@ class AsyncRecommenderClient(BaseClient[grpc.aio.Channel]):
             include_metadata=include_metadata,
             allow_cold_start=allow_cold_start,
             timeout=timeout,
+            interactions=interactions,
+            page_size=page_size,
+            page_token=page_token,
+            diversity=diversity,
         )
         return await self._send(call)
+
+    async def batch_top_k(
+        self,
+        user_ids: IdsLike = (),
+        k: int = 10,
+        *,
+        interactions: Iterable[InteractionsLike | None] | None = None,
+        exclude_seen: bool = True,
+        include_metadata: bool = False,
+        allow_cold_start: bool = False,
+        diversity: float = 0.0,
+        batch_size: int = BATCH_TOP_K_USERS,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TopKResult]:
+        """See :meth:`RecommenderClient.batch_top_k`: ``async for result in ...``."""
+        calls = self._batch_top_k(
+            user_ids,
+            interactions,
+            batch_size=batch_size,
+            timeout=timeout,
+            k=k,
+            exclude_seen=exclude_seen,
+            include_metadata=include_metadata,
+            allow_cold_start=allow_cold_start,
+            diversity=diversity,
+        )
+        for call in calls:
+            async with translate_errors_async(self._settings.connection):
+                stream = call.method(
+                    call.request, timeout=call.timeout, metadata=self._settings.metadata
+                )
+                try:
+                    async for response in stream:
+                        yield call.result(response)
+                finally:  # a reader that stops early ends the stream: the server stops too
+                    stream.cancel()
 
     async def similar_items(
         self,

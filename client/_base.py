@@ -10,7 +10,7 @@ that must be written twice because one kind is a coroutine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -29,7 +29,7 @@ from ._config import (
 )
 from ._exceptions import MfserveError
 from ._models import HealthStatus, ModelInfo, Prediction, ReloadResult, TopKResult
-from ._requests import IdsLike, ids_list
+from ._requests import IdsLike, InteractionsLike, ids_list, interactions_list
 from ._tls import TlsOption
 
 ChannelT = TypeVar("ChannelT", grpc.Channel, grpc.aio.Channel)
@@ -38,6 +38,11 @@ ResultT = TypeVar("ResultT")
 
 def _raw(response: Any) -> Any:
     return response
+
+
+def _user(user_id: object) -> str:
+    """A user id for the wire; None is no user (a call that folds its user in)."""
+    return "" if user_id is None else str(user_id)
 
 
 @dataclass(frozen=True)
@@ -119,10 +124,18 @@ class BaseClient(Generic[ChannelT]):
 
     # ------------------------------------------------------------------ calls
     def _predict(
-        self, user_id: object, item_id: object, allow_cold_start: bool, timeout: float | None
+        self,
+        user_id: object,
+        item_id: object,
+        allow_cold_start: bool,
+        timeout: float | None,
+        interactions: InteractionsLike | None = None,
     ) -> Call[Prediction]:
         request = pb.PredictRequest(
-            user_id=str(user_id), item_id=str(item_id), allow_cold_start=allow_cold_start
+            user_id=_user(user_id),
+            item_id=str(item_id),
+            allow_cold_start=allow_cold_start,
+            interactions=interactions_list(interactions),
         )
 
         def result(response: Any) -> Prediction:
@@ -138,6 +151,7 @@ class BaseClient(Generic[ChannelT]):
         allow_cold_start: bool,
         batch_size: int | None,
         timeout: float | None,
+        interactions: InteractionsLike | None = None,
     ) -> Iterator[Call[Any]]:
         """One call per chunk, each given what is left of one shared deadline when it is sent.
 
@@ -150,6 +164,7 @@ class BaseClient(Generic[ChannelT]):
             allow_cold_start=allow_cold_start,
             max_pairs=self._settings.max_batch_pairs if batch_size is None else batch_size,
             max_bytes=self._settings.max_batch_bytes,
+            interactions=interactions_list(interactions),
         )
         deadline = _requests.Deadline(self._timeout(timeout))
         return (Call(self._stub.BatchPredict, r, deadline.remaining(), _raw) for r in requests)
@@ -165,17 +180,41 @@ class BaseClient(Generic[ChannelT]):
         include_metadata: bool,
         allow_cold_start: bool,
         timeout: float | None,
+        interactions: InteractionsLike | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        diversity: float = 0.0,
     ) -> Call[TopKResult]:
         request = pb.TopKRequest(
-            user_id=str(user_id),
+            user_id=_user(user_id),
             k=k,
             exclude_seen=exclude_seen,
             exclude_item_ids=ids_list(exclude_item_ids, "exclude_item_ids"),
             candidate_item_ids=ids_list(candidate_item_ids, "candidate_item_ids"),
             include_metadata=include_metadata,
             allow_cold_start=allow_cold_start,
+            interactions=interactions_list(interactions),
+            page_size=page_size,
+            page_token=page_token,
+            diversity=diversity,
         )
         return Call(self._stub.TopK, request, self._timeout(timeout), _models.top_k_result)
+
+    def _batch_top_k(
+        self,
+        user_ids: IdsLike,
+        interactions: Iterable[InteractionsLike | None] | None,
+        *,
+        batch_size: int,
+        timeout: float | None,
+        **options: Any,
+    ) -> Iterator[Call[Any]]:
+        """One ``BatchTopK`` stream per ``batch_size`` users, built as the previous one ends; each
+        stream gets the whole ``timeout``."""
+        for request in _requests.batch_top_k_requests(
+            user_ids, interactions, batch_size=batch_size, **options
+        ):
+            yield Call(self._stub.BatchTopK, request, self._timeout(timeout), _models.top_k_result)
 
     def _similar_items(
         self,

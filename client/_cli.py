@@ -27,6 +27,7 @@ from mfserve import __version__
 
 from . import _render
 from ._cli_connection import connection_options, error_message, open_client
+from ._cli_interactions import add_interactions_option
 from ._exceptions import MfserveError
 from ._models import HealthStatus, TopKResult
 
@@ -94,11 +95,12 @@ def _register_client_commands(subparsers: Any) -> None:
         return parser
 
     parser = add("predict", _predict, help="predict one user's rating of one item (from a server)")
-    parser.add_argument("user", help="user id")
+    parser.add_argument("user", help="user id ('' with --interactions: an anonymous user)")
     parser.add_argument("item", help="item id")
     parser.add_argument(
         "--cold-start", action="store_true", help="answer unknown ids with a cold-start estimate"
     )
+    add_interactions_option(parser)
 
     parser = add(
         "batch-predict",
@@ -118,8 +120,21 @@ def _register_client_commands(subparsers: Any) -> None:
     )
 
     parser = add("topk", _topk, help="recommend items for one user (from a server)")
-    parser.add_argument("user", help="user id")
+    parser.add_argument(
+        "user", nargs="?", default=None, help="user id (optional with --interactions)"
+    )
     _add_ranking_options(parser)
+    add_interactions_option(parser)
+    parser.add_argument(
+        "--diversity", type=float, default=0.0, help="0 to 1: trade relevance for variety"
+    )
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        help="items per page (the next page's token goes to stderr)",
+    )
+    parser.add_argument("--page-token", default="", help="the page to show (from --page-size)")
     parser.add_argument(
         "--include-seen", action="store_true", help="keep items the user rated in training"
     )
@@ -177,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- client commands
 def _predict(args: argparse.Namespace) -> int:
     with open_client(args) as client:
-        result = client.predict(args.user, args.item, allow_cold_start=args.cold_start)
+        result = client.predict(
+            args.user, args.item, interactions=args.interactions, allow_cold_start=args.cold_start
+        )
     if args.json:
         _render.print_json(result)
         return 0
@@ -258,23 +275,37 @@ def _print_ranked(args: argparse.Namespace, result: TopKResult) -> None:
     if args.csv:
         return
     # The split fields name what each id was: a user and an item may share an id string.
+    folded = bool(getattr(args, "interactions", None))
+    notes = {
+        "user": "folded in from --interactions" if folded else "cold start",
+        "item": "skipped" if folded else "cold start",
+    }
     for kind, ids in (("user", result.missing_user_ids), ("item", result.missing_item_ids)):
         if ids:
-            print(f"unknown {kind} ids (cold start): {', '.join(ids)}", file=sys.stderr)
+            print(f"unknown {kind} ids ({notes[kind]}): {', '.join(ids)}", file=sys.stderr)
 
 
 def _topk(args: argparse.Namespace) -> int:
+    if args.user is None and not args.interactions:
+        print("mfserve topk: give a user id, --interactions, or both", file=sys.stderr)
+        return 2
     with open_client(args) as client:
         result = client.top_k(
             args.user,
             args.k,
+            interactions=args.interactions,
             exclude_seen=not args.include_seen,
             exclude_item_ids=args.exclude,
             candidate_item_ids=args.candidates,
             include_metadata=args.metadata,
             allow_cold_start=args.cold_start,
+            diversity=args.diversity,
+            page_size=args.page_size,
+            page_token=args.page_token,
         )
     _print_ranked(args, result)
+    if result.next_page_token and not args.json:
+        print(f"next page: --page-token {result.next_page_token}", file=sys.stderr)
     return 0
 
 

@@ -5,13 +5,14 @@ Everything but the I/O (configuration, the channel's plumbing, the requests) is 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
 from ._base import BaseClient, Call, is_serving, watch_ended
-from ._config import ClientSettings
+from ._config import BATCH_TOP_K_USERS, ClientSettings
 from ._exceptions import translate_errors
 from ._models import (
     BatchPrediction,
@@ -22,7 +23,7 @@ from ._models import (
     TopKResult,
     batch_prediction,
 )
-from ._requests import IdsLike
+from ._requests import IdsLike, InteractionsLike
 
 T = TypeVar("T")
 
@@ -87,24 +88,30 @@ class RecommenderClient(BaseClient[grpc.Channel]):
     # ------------------------------------------------------------------ RPCs
     def predict(
         self,
-        user_id: object,
+        user_id: object | None,
         item_id: object,
         *,
+        interactions: InteractionsLike | None = None,
         allow_cold_start: bool = False,
         timeout: float | None = None,
     ) -> Prediction:
         """Predict the rating ``user_id`` would give ``item_id`` (ids are converted with ``str``).
 
         Unknown ids raise :class:`NotFoundError` unless ``allow_cold_start``, which answers with a
-        bias-only estimate and lists them in the result's ``missing_*_ids``.
+        bias-only estimate and lists them in the result's ``missing_*_ids``. ``interactions``
+        (item ids, ``(item_id, rating)`` tuples or :class:`Interaction`) fold the user in at call
+        time: a user the model has never seen (or ``user_id=None``) is predicted from them, a
+        known user's are added to what the model knows; only rated ones move a rating.
         """
-        return self._send(self._predict(user_id, item_id, allow_cold_start, timeout))
+        call = self._predict(user_id, item_id, allow_cold_start, timeout, interactions)
+        return self._send(call)
 
     def batch_predict(
         self,
         user_ids: IdsLike,
         item_ids: IdsLike,
         *,
+        interactions: InteractionsLike | None = None,
         allow_cold_start: bool = False,
         batch_size: int | None = None,
         timeout: float | None = None,
@@ -114,7 +121,8 @@ class RecommenderClient(BaseClient[grpc.Channel]):
         Accepts lists, tuples, iterables, numpy arrays or pandas Series. A batch over ``batch_size``
         (default: the client's ``max_batch_pairs``) is sent as several calls, one after another,
         sharing one ``timeout``; their answers are joined in order. Mismatched lengths raise
-        ``ValueError`` before anything is sent.
+        ``ValueError`` before anything is sent. With ``interactions`` every pair is one user's,
+        folded in from them (as in :meth:`predict`): ``user_ids`` then repeats one id (or "").
         """
         calls = self._batch_predict(
             user_ids,
@@ -122,19 +130,24 @@ class RecommenderClient(BaseClient[grpc.Channel]):
             allow_cold_start=allow_cold_start,
             batch_size=batch_size,
             timeout=timeout,
+            interactions=interactions,
         )
         return batch_prediction([self._send(call) for call in calls])
 
     def top_k(
         self,
-        user_id: object,
+        user_id: object | None = None,
         k: int = 10,
         *,
+        interactions: InteractionsLike | None = None,
         exclude_seen: bool = True,
         exclude_item_ids: IdsLike = (),
         candidate_item_ids: IdsLike = (),
         include_metadata: bool = False,
         allow_cold_start: bool = False,
+        diversity: float = 0.0,
+        page_size: int = 0,
+        page_token: str = "",
         timeout: float | None = None,
     ) -> TopKResult:
         """The ``k`` best items for ``user_id``, best first.
@@ -145,6 +158,12 @@ class RecommenderClient(BaseClient[grpc.Channel]):
         :class:`NotFoundError` unless ``allow_cold_start``: popular items are returned for an
         unknown user, unknown candidates are skipped, and the result's ``missing_user_ids`` /
         ``missing_item_ids`` list them.
+
+        ``interactions`` fold the user in at call time, as in :meth:`predict`
+        (``top_k(interactions=[("296", 5.0), ("318", 4.5)])`` for a visitor with no id); the
+        interacted items are excluded like seen ones. ``diversity`` in [0, 1] re-ranks for
+        variety (maximal marginal relevance). ``page_size`` returns the ``k`` items that many at
+        a time: pass the result's ``next_page_token`` as ``page_token`` for the next page.
         """
         call = self._top_k(
             user_id,
@@ -155,8 +174,52 @@ class RecommenderClient(BaseClient[grpc.Channel]):
             include_metadata=include_metadata,
             allow_cold_start=allow_cold_start,
             timeout=timeout,
+            interactions=interactions,
+            page_size=page_size,
+            page_token=page_token,
+            diversity=diversity,
         )
         return self._send(call)
+
+    def batch_top_k(
+        self,
+        user_ids: IdsLike = (),
+        k: int = 10,
+        *,
+        interactions: Iterable[InteractionsLike | None] | None = None,
+        exclude_seen: bool = True,
+        include_metadata: bool = False,
+        allow_cold_start: bool = False,
+        diversity: float = 0.0,
+        batch_size: int = BATCH_TOP_K_USERS,
+        timeout: float | None = None,
+    ) -> Iterator[TopKResult]:
+        """:meth:`top_k` for many users, streamed: one result per user, in order, as the server
+        computes them (``BatchTopK``). Users are ids, interaction lists (one per anonymous user),
+        or both in parallel (``None`` where a user has none). Every ``batch_size`` users are one
+        stream; ``timeout`` applies to each. Nothing is sent until the iterator is first read.
+        """
+        calls = self._batch_top_k(
+            user_ids,
+            interactions,
+            batch_size=batch_size,
+            timeout=timeout,
+            k=k,
+            exclude_seen=exclude_seen,
+            include_metadata=include_metadata,
+            allow_cold_start=allow_cold_start,
+            diversity=diversity,
+        )
+        for call in calls:
+            with translate_errors(self._settings.connection):
+                stream = call.method(
+                    call.request, timeout=call.timeout, metadata=self._settings.metadata
+                )
+                try:
+                    for response in stream:
+                        yield call.result(response)
+                finally:  # a reader that stops early ends the stream: the server stops too
+                    stream.cancel()
 
     def similar_items(
         self,

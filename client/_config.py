@@ -31,6 +31,9 @@ HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 DEFAULT_TARGET = "localhost:50051"
 # The server's default BatchPredict maximum (pairs per call).
 DEFAULT_MAX_BATCH_PAIRS = 100_000
+# Users per BatchTopK stream: far under the server's default maximum (100,000) and its message
+# limit, and few enough that one failed stream costs little to send again.
+BATCH_TOP_K_USERS = 10_000
 # Bytes of ids per BatchPredict call, under gRPC's default 4 MiB receive limit on the server, so
 # long ids (UUIDs) are split by size before the server would answer RESOURCE_EXHAUSTED.
 DEFAULT_MAX_BATCH_BYTES = 3 * 1024 * 1024

@@ -82,6 +82,18 @@ class BatchPrediction(Sequence[float]):
 
 
 @dataclass(frozen=True)
+class Interaction:
+    """Something a user did, sent with a call so the server folds the user in: the item, and
+    optionally the user's rating of it and how much it counts (default 1, as one training
+    rating). Calls also take plain ``item_id`` strings and ``(item_id, rating)`` or
+    ``(item_id, rating, weight)`` tuples."""
+
+    item_id: str
+    rating: float | None = None
+    weight: float | None = None
+
+
+@dataclass(frozen=True)
 class Recommendation:
     """One ranked item. ``score``: the model's ranking score (``top_k``) or cosine similarity
     (``similar_items``); ``rank`` is 1-based. ``title`` / ``genres`` are filled only with
@@ -102,7 +114,10 @@ class TopKResult(Sequence[Recommendation]):
     did not know it and ``missing_item_ids`` the unknown ``candidate_item_ids`` (skipped), as
     ``Prediction`` and ``BatchPrediction`` report them; both are always empty for similar items.
     ``missing_ids`` is deprecated (it mixes users and items, which may share an id): the user
-    first, then the items; kept for one release, as on the wire.
+    first, then the items; kept for one release, as on the wire. A user folded in from
+    ``interactions`` is listed in ``missing_user_ids`` when the model does not know the id, and
+    the interaction items it does not know (skipped) in ``missing_item_ids``.
+    ``next_page_token``: with ``page_size``, the token of the next page ("" after the last).
     """
 
     items: tuple[Recommendation, ...]
@@ -110,6 +125,7 @@ class TopKResult(Sequence[Recommendation]):
     missing_ids: tuple[str, ...] = ()
     missing_user_ids: tuple[str, ...] = ()
     missing_item_ids: tuple[str, ...] = ()
+    next_page_token: str = ""
 
     @property
     def cold_start(self) -> bool:
@@ -227,6 +243,7 @@ def top_k_result(response: Any) -> TopKResult:
         missing_ids=tuple(getattr(response, "missing_ids", ())),
         missing_user_ids=users,
         missing_item_ids=unknown_items,
+        next_page_token=str(getattr(response, "next_page_token", "")),
     )
 
 

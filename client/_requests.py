@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mfserve.v1 import recommender_pb2 as pb
 
 IdsLike = Iterable[Any]
+# An Interaction, a bare item id, or an (item_id, rating) / (item_id, rating, weight) tuple.
+InteractionLike = Any
+InteractionsLike = Iterable[InteractionLike]
 
 
 def ids_list(values: IdsLike, name: str) -> list[str]:
@@ -24,6 +27,35 @@ def ids_list(values: IdsLike, name: str) -> list[str]:
     tolist = getattr(values, "tolist", None)
     items = tolist() if callable(tolist) else values
     return [v if isinstance(v, str) else str(v) for v in items]
+
+
+def interactions_list(values: InteractionsLike | None, name: str = "interactions") -> list[Any]:
+    """``values`` as ``Interaction`` messages. Checks only the shapes here; the server checks
+    the values (ratings in the model's range, positive weights) and names the bad one."""
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of interactions, not a single string")
+    out = []
+    for index, value in enumerate(values):
+        if isinstance(value, str):
+            item, rating, weight = value, None, None
+        elif isinstance(value, tuple) and 1 <= len(value) <= 3:
+            item, rating, weight = (*value, None, None)[:3]
+        elif hasattr(value, "item_id"):
+            item, rating, weight = value.item_id, value.rating, value.weight
+        else:
+            raise TypeError(
+                f"{name}[{index}] is {type(value).__name__}: give an item id, an "
+                "(item_id, rating[, weight]) tuple or an Interaction"
+            )
+        message = pb.Interaction(item_id=str(item))
+        if rating is not None:
+            message.rating = float(rating)
+        if weight is not None:
+            message.weight = float(weight)
+        out.append(message)
+    return out
 
 
 def _id_bytes(value: str) -> int:
@@ -39,6 +71,7 @@ def batch_requests(
     allow_cold_start: bool,
     max_pairs: int,
     max_bytes: int,
+    interactions: list[Any] | None = None,
 ) -> list[Any]:
     """One ``BatchPredictRequest`` per chunk of at most ``max_pairs`` pairs and ~``max_bytes``.
 
@@ -68,9 +101,46 @@ def batch_requests(
             user_ids=users[start:stop],
             item_ids=items[start:stop],
             allow_cold_start=allow_cold_start,
+            interactions=interactions or (),
         )
         for start, stop in itertools.pairwise(bounds)
     ]
+
+
+def batch_top_k_requests(
+    user_ids: IdsLike,
+    interactions: Iterable[InteractionsLike | None] | None,
+    *,
+    batch_size: int,
+    **options: Any,
+) -> Iterator[Any]:
+    """``BatchTopKRequest`` messages of at most ``batch_size`` users each, built lazily.
+
+    Users come as ids, as interaction lists (one per user, anonymous), or as both, in parallel
+    (``None`` where a user has none); ``options`` are the ``TopKRequest`` fields every entry shares.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    users = ids_list(user_ids, "user_ids")
+    histories = None if interactions is None else list(interactions)
+    if histories is not None and users and len(histories) != len(users):
+        raise ValueError(
+            f"user_ids has {len(users)} ids but interactions has {len(histories)} lists; "
+            "they are parallel (None where a user has none)"
+        )
+    count = len(users) if users else len(histories or ())
+    for start in range(0, count, batch_size):
+        entries = []
+        for index in range(start, min(start + batch_size, count)):
+            history = histories[index] if histories is not None else None
+            entries.append(
+                pb.TopKRequest(
+                    user_id=users[index] if users else "",
+                    interactions=interactions_list(history, f"interactions[{index}]"),
+                    **options,
+                )
+            )
+        yield pb.BatchTopKRequest(requests=entries)
 
 
 class Deadline:

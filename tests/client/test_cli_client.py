@@ -273,3 +273,36 @@ def test_absent_areas_are_skipped_and_broken_ones_warned_about(
     code, out, err = run(capsys, "--help")
     assert code == 0 and "predict" in out
     assert "broken_area_cli" in err and "cannot import name" in err
+
+
+def test_topk_and_predict_fold_in_interactions(cli: Any, server_address: str) -> None:
+    from mfserve.client import RecommenderClient
+
+    with RecommenderClient(server_address) as client:
+        want = client.top_k(interactions=[("i3", 5.0), ("i7", 4.5), "i9"], k=4).item_ids
+        rating = client.predict(None, "i20", interactions=[("i3", 5.0)]).rating
+    code, out, _ = cli(
+        "topk", "--interactions", "i3:5,i7:4.5", "--interactions", "i9", "-k", "4", "--json"
+    )
+    assert code == 0
+    assert [item["item_id"] for item in json.loads(out)["items"]] == want
+    code, _, err = cli("topk", "newbie", "--interactions", "i3:5,nope:1", "-k", "2")
+    assert code == 0
+    assert "unknown user ids (folded in from --interactions): newbie" in err
+    assert "unknown item ids (skipped): nope" in err
+    code, out, _ = cli("predict", "", "i20", "--interactions", "i3:5", "--json")
+    assert code == 0 and json.loads(out)["rating"] == pytest.approx(rating)
+    code, out, _ = cli("topk", "u1", "-k", "6", "--page-size", "4", "--csv")
+    assert code == 0 and len(out.splitlines()) == 5
+
+
+@pytest.mark.parametrize("bad", ["i3:x", ":5", "i3:5:1:2", "i3:inf"])
+def test_bad_interactions_flag_names_the_entry(cli: Any, bad: str) -> None:
+    code, _, err = cli("topk", "--interactions", bad)
+    assert code == 2
+    assert f"argument --interactions: {bad!r}" in err, err
+
+
+def test_topk_needs_a_user_or_interactions(cli: Any) -> None:
+    code, _, err = cli("topk")
+    assert code == 2 and "give a user id" in err
