@@ -128,6 +128,13 @@ def _register_evaluate(subparsers: Any) -> None:
         default=None,
         help="override the data source recorded in the manifest (its sha256 must still match)",
     )
+    parser.add_argument(
+        "--fold-in",
+        action="store_true",
+        help="measure fold-in instead: train the model's recipe again without 20%% of the "
+        "users, fold each in from their training ratings, and score their test part against "
+        "the same users trained normally and popularity",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=_run_evaluate)
 
@@ -135,15 +142,25 @@ def _register_evaluate(subparsers: Any) -> None:
 def _register_recommend(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "recommend",
-        help="top-k for one user from a saved model, offline (for debugging)",
-        description="Answer a top-k query in-process from the artifact, with no server.",
+        help="top-k for one user, or every user, from a saved model, offline",
+        description=(
+            "Answer top-k in-process from the artifact, with no server: for one user (--user), "
+            "or for every user into a parquet file (--all --out recs.parquet)."
+        ),
     )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL_DIR,
         help="a model folder or version folder (default: %(default)s)",
     )
-    parser.add_argument("--user", required=True, help="user id, as in the data (MovieLens: 1)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="user id, as in the data (MovieLens: 1)")
+    who.add_argument(
+        "--all", action="store_true", help="every user of the model, written to --out (parquet)"
+    )
+    parser.add_argument(
+        "--out", help="with --all: the parquet file (user_id, rank, item_id, score) to write"
+    )
     parser.add_argument("-k", type=int, default=10, help="how many items (default: %(default)s)")
     parser.add_argument(
         "--include-seen", action="store_true", help="keep items the user rated in training"
@@ -190,10 +207,13 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from mfserve.training.artifact import ArtifactError
     from mfserve.training.data import DataError
-    from mfserve.training.pipeline import evaluate_saved
+    from mfserve.training.pipeline import evaluate_fold_in_saved, evaluate_saved
 
     try:
-        metrics = evaluate_saved(args.model, source=args.data)
+        if args.fold_in:
+            metrics = evaluate_fold_in_saved(args.model, source=args.data)
+        else:
+            metrics = evaluate_saved(args.model, source=args.data)
     except (ArtifactError, DataError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:
@@ -234,6 +254,26 @@ def _print_metrics(metrics: dict[str, float]) -> None:
         print(f"  {name:<{width}}  {shown}")
 
 
+def _recommend_all(recommender: Any, args: argparse.Namespace) -> int:
+    import time
+
+    from mfserve.training.recommend_all import all_recommendations, write_recommendations
+
+    started = time.perf_counter()
+    columns = all_recommendations(recommender, args.k, exclude_seen=not args.include_seen)
+    try:
+        path = write_recommendations(columns, args.out)
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    seconds = time.perf_counter() - started
+    print(
+        f"wrote {path}: {len(columns['rank']):,} rows, top {args.k} for "
+        f"{recommender.n_users:,} users in {seconds:.1f}s"
+    )
+    return 0
+
+
 def _run_recommend(args: argparse.Namespace) -> int:
     import torch
 
@@ -242,10 +282,14 @@ def _run_recommend(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         return _fail(f"-k must be positive, got {args.k}")
+    if args.all != bool(args.out):
+        return _fail("--all and --out go together: --all --out recs.parquet")
     try:
         recommender = Recommender(load_artifact(args.model))
     except ArtifactError as exc:
         return _fail(str(exc))
+    if args.all:
+        return _recommend_all(recommender, args)
     row = int(recommender.user_rows([args.user])[0])
     if row < 0:
         return _fail(f"user {args.user!r} is not in the model {recommender.artifact.path}")

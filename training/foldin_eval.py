@@ -22,6 +22,7 @@ from mfserve.training.artifact import ModelArtifact
 from mfserve.training.config import TrainConfig
 from mfserve.training.evaluate import (
     RELEVANT_THRESHOLD,
+    TEST_FRACTION,
     Csr,
     ProtocolData,
     prepare_protocol,
@@ -135,6 +136,8 @@ def evaluate_fold_in(
     trained: ModelArtifact,
     *,
     rating_range: tuple[float, float],
+    holdout: float = TEST_FRACTION,
+    split_seed: int = 42,
     k: int = 10,
     fraction: float = HELD_OUT_USERS,
     seed: int = USER_SEED,
@@ -143,7 +146,7 @@ def evaluate_fold_in(
     """The protocol (module doc) for ``trained``, a model fitted on the 80% part of these rows
     (in file order). Returns ``{"trained", "folded_in", "popularity"}``, each with ``rmse`` and
     ``ndcg_at_K`` over the same held-out users."""
-    protocol = prepare_protocol(user_ids, item_ids, ratings)
+    protocol = prepare_protocol(user_ids, item_ids, ratings, seed=split_seed, test_fraction=holdout)
     held_out = _held_out_users(protocol, fraction, seed)
     keep = ~np.isin(protocol.train_users, held_out)
     user_names = np.array(protocol.users.classes, dtype=object)

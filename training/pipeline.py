@@ -147,6 +147,42 @@ def evaluate_saved(
     Returns ``{"model": ..., "global_mean": ..., "popularity": ...}``.
     """
     artifact = load_artifact(model)
+    data, holdout, split_seed = _recorded_data(artifact, source)
+    protocol = protocol_for(data, holdout, split_seed)
+    return {
+        "model": evaluate_recommender(protocol, Recommender(artifact)),
+        **evaluate_baselines(protocol),
+    }
+
+
+def evaluate_fold_in_saved(
+    model: str | Path, *, source: str | Path | None = None, progress: bool = False
+) -> dict[str, dict[str, float]]:
+    """The fold-in protocol (:mod:`mfserve.training.foldin_eval`) for a saved model: its recipe
+    trained again without 20% of the users, who are then folded in from their training ratings.
+    Returns ``{"trained", "folded_in", "popularity"}`` over those users."""
+    from mfserve.training.foldin_eval import evaluate_fold_in
+
+    artifact = load_artifact(model)
+    data, holdout, split_seed = _recorded_data(artifact, source)
+    frame = data.ratings
+    report: dict[str, dict[str, float]] = evaluate_fold_in(
+        frame["user"].to_numpy(dtype=object),
+        frame["item"].to_numpy(dtype=object),
+        frame["rating"].to_numpy(dtype=np.float32),
+        artifact,
+        rating_range=data.rating_range,
+        holdout=holdout,
+        split_seed=split_seed,
+        progress=progress,
+    )
+    return report
+
+
+def _recorded_data(
+    artifact: ModelArtifact, source: str | Path | None
+) -> tuple[RatingsData, float, int]:
+    """The data a model was trained on (checked by sha256), its holdout and split seed."""
     dataset = artifact.dataset
     recorded = str(dataset.get("source", BUNDLED_SOURCE))
     location = source if source is not None else (None if recorded == BUNDLED_SOURCE else recorded)
@@ -164,8 +200,4 @@ def evaluate_saved(
         raise ValueError(
             f"{artifact.path}: trained on every row (holdout 0); there is no test part"
         )
-    protocol = protocol_for(data, holdout, int(dataset.get("split_seed", 42)))
-    return {
-        "model": evaluate_recommender(protocol, Recommender(artifact)),
-        **evaluate_baselines(protocol),
-    }
+    return data, holdout, int(dataset.get("split_seed", 42))

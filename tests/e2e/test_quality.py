@@ -135,3 +135,34 @@ def test_default_recipe_is_bit_identical() -> None:
     a, b = fit(*args, progress=False), fit(*args, progress=False)
     for name, t in a.tensors.items():
         assert torch.equal(t, b.tensors[name]), name
+
+
+def test_users_folded_in_match_users_trained_normally(
+    movielens_model: tuple[Path, dict[str, float]],
+) -> None:
+    # Users held out of training entirely and folded in from their training ratings, against
+    # the same users trained normally and popularity (the fold-in issue's targets).
+    from mfserve.training.pipeline import evaluate_fold_in_saved
+
+    path, _ = movielens_model
+    report = evaluate_fold_in_saved(path)
+    trained, folded, popular = report["trained"], report["folded_in"], report["popularity"]
+    assert folded["users"] == trained["users"] >= 100
+    assert folded["ndcg_at_10"] >= 0.9 * trained["ndcg_at_10"], report
+    assert folded["ndcg_at_10"] >= 1.5 * popular["ndcg_at_10"], report
+    assert abs(folded["rmse"] - trained["rmse"]) <= 0.03, report
+
+
+def test_batch_top_k_over_every_user_is_610_top_k_calls(
+    movielens_model: tuple[Path, dict[str, float]],
+) -> None:
+    from mfserve.client import RecommenderClient
+    from mfserve.training.artifact import load_artifact
+
+    path, _ = movielens_model
+    users = load_artifact(path).user_ids
+    with running_server(path) as address, RecommenderClient(address) as client:
+        streamed = [r.item_ids for r in client.batch_top_k(users, k=10)]
+        one_by_one = [client.top_k(user, k=10).item_ids for user in users]
+    assert len(streamed) == len(users) == 610
+    assert streamed == one_by_one

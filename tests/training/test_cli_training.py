@@ -397,3 +397,40 @@ def test_mfserve_help_lists_every_command(tmp_path: Path) -> None:
     listed = result.stdout.split()
     for command in ("train", "evaluate", "recommend", "serve", "predict", "topk"):
         assert command in listed, command
+
+
+def test_recommend_all_writes_every_users_list_as_parquet(
+    trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pandas as pd
+
+    from mfserve.training.artifact import load_artifact
+    from mfserve.training.recommender import Recommender
+
+    out = tmp_path / "recs.parquet"
+    args = ["recommend", "--model", str(trained.models), "--all", "--out", str(out), "-k", "4"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    table = pd.read_parquet(out)
+    model = Recommender(load_artifact(trained.models))
+    assert list(table.columns) == ["user_id", "rank", "item_id", "score"]
+    assert table["user_id"].nunique() == model.n_users
+    for user in ("u1", model.user_ids[-1]):
+        mine = table[table["user_id"] == user]
+        [(rows, _)] = model.top_k_lists([model.user_row(user)], 4)
+        assert list(mine["item_id"]) == [model.item_ids[r] for r in rows]
+        assert list(mine["rank"]) == [1, 2, 3, 4]
+    assert not [p for p in tmp_path.iterdir() if p.name != "recs.parquet"]  # no temporary left
+
+
+def test_recommend_all_needs_out_and_excludes_user(
+    trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["recommend", "--model", str(trained.models), "--all"]) == 2
+    assert "--all and --out go together" in capsys.readouterr().err
+    assert main(["recommend", "--model", str(trained.models), "--all", "--user", "u1"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+    out = tmp_path / "missing-folder" / "recs.parquet"
+    args = ["recommend", "--model", str(trained.models), "--all", "--out", str(out)]
+    assert main(args) != 0
+    assert str(out) in capsys.readouterr().err
