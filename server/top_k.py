@@ -50,7 +50,7 @@ def check_top_k(request: pb.TopKRequest, *, max_k: int) -> int:
     client never retries it); returns ``k``, resolved."""
     if not request.interactions:
         require_id("user_id", request.user_id)
-    k = resolve_k(request.k, max_k)
+    k: int = resolve_k(request.k, max_k)
     require_ids("exclude_item_ids", request.exclude_item_ids)
     require_ids("candidate_item_ids", request.candidate_item_ids)
     diversity = request.diversity

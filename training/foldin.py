@@ -62,12 +62,15 @@ class UserEvidence:
         n = rows.size
         rated = np.full(n, np.nan, np.float32) if ratings is None else np.asarray(ratings)
         weight = np.ones(n, np.float32) if weights is None else np.asarray(weights)
-        last = np.ones(n, dtype=bool)
-        if n > 1:  # the last entry of each item: its first in the reversed order
+        keep = rows >= 0
+        if n > 1 and len(set(rows.tolist())) < n:
+            # The last entry of each item: its first in the reversed order.
             _, first_reversed = np.unique(rows[::-1], return_index=True)
-            last[:] = False
+            last = np.zeros(n, dtype=bool)
             last[n - 1 - first_reversed] = True
-        keep = last & (rows >= 0)
+            keep &= last
+        if keep.all():
+            return cls(int(user), rows, rated.astype(np.float32), weight.astype(np.float32))
         return cls(
             int(user),
             rows[keep],
@@ -107,6 +110,7 @@ class FoldIn:
             y64 = self.y.astype(np.float64)
             d = y64.shape[1]
             self._gram = y64.T @ y64 + self.rank_reg * np.eye(d)
+            self._gram_inverse = np.linalg.inv(self._gram)
             # A training item's confidence weight when its rating is not kept (module doc).
             self._mean_weight = 1.0 if self.binary else self.mu / self.rating_range[1]
 
@@ -137,20 +141,33 @@ class FoldIn:
         if not self.has_rank_head:
             factors, biases = self.rating_params(users)
             return factors, (biases + self.mu).astype(np.float32)
-        d = self.y.shape[1]
-        lhs = np.empty((len(users), d, d))
-        rhs = np.empty((len(users), d))
+        queries = np.empty((len(users), self.y.shape[1]), dtype=np.float32)
         for n, evidence in enumerate(users):
-            y = self.y[evidence.items].astype(np.float64)
-            conf = self.alpha * self.rank_weights(evidence)
-            lhs[n] = self._gram + (y.T * conf) @ y
-            rhs[n] = y.T @ (1.0 + conf)
-            if evidence.user >= 0:
-                seen = self.y[self._seen(evidence.user)].astype(np.float64)
-                prior = self._gram + (self.alpha * self._mean_weight) * (seen.T @ seen)
-                lhs[n] += prior - self._gram
-                rhs[n] += prior @ self.rank_users[evidence.user]
-        return np.linalg.solve(lhs, rhs[..., None])[..., 0].astype(np.float32), None
+            queries[n] = self._rank_query(evidence)
+        return queries, None
+
+    def _rank_query(self, evidence: UserEvidence) -> np.ndarray:
+        y = self.y[evidence.items].astype(np.float64)
+        conf = self.alpha * self.rank_weights(evidence)
+        rhs = y.T @ (1.0 + conf)
+        if evidence.user < 0 and 0 < len(conf) < y.shape[1] and conf.min() > 0:
+            # Fewer interactions than factors (the usual new user): Woodbury's identity turns
+            # the d x d solve into an n x n one against the precomputed inverse of the gram,
+            # (G + Y^T C Y)^-1 r = z - B^T (C^-1 + B Y^T)^-1 (Y z), z = G^-1 r, B = Y G^-1.
+            z = self._gram_inverse @ rhs
+            b = y @ self._gram_inverse
+            inner = b @ y.T
+            inner.flat[:: len(conf) + 1] += 1.0 / conf  # the diagonal
+            query: np.ndarray = z - b.T @ np.linalg.solve(inner, y @ z)
+            return query
+        lhs = self._gram + (y.T * conf) @ y
+        if evidence.user >= 0:
+            seen = self.y[self._seen(evidence.user)].astype(np.float64)
+            prior = self._gram + (self.alpha * self._mean_weight) * (seen.T @ seen)
+            lhs += prior - self._gram
+            rhs += prior @ self.rank_users[evidence.user]
+        solved: np.ndarray = np.linalg.solve(lhs, rhs)
+        return solved
 
     # ------------------------------------------------------------- rating head
     def rating_params(self, users: Sequence[UserEvidence]) -> tuple[np.ndarray, np.ndarray]:

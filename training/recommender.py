@@ -31,6 +31,7 @@ from mfserve.training.scoring import (
     choose_ranker,
     ranking_tables,
 )
+from mfserve.training.scoring.compiled import CompiledRanker
 from mfserve.training.scoring.ratings import PairKernel, pair_kernel
 
 __all__ = ["UNKNOWN", "RankRequest", "Ranked", "RankedLists", "Recommender", "UserEvidence"]
@@ -271,6 +272,12 @@ class Recommender:
         what the model knows), exactly; ``exclude_seen`` drops the interacted items too."""
         reqs = _requests(requests, len(evidence), _DEFAULT_RANK)
         queries, offsets = self.fold_in.ranking_queries(evidence)
+        # The compiled scan when this model has one (built: a server with an approximate index
+        # never builds it) and no row has an allow-list; else the exact general path.
+        ranker = self._ranker
+        if isinstance(ranker, CompiledRanker) and all(r.candidates is None for r in reqs):
+            excluded = [self._excluded(e, r) for e, r in zip(evidence, reqs, strict=True)]
+            return ranker.kernel.top_k_queries(queries, offsets, k, excluded)
         return self.exact.top_k_queries(
             queries,
             offsets,
@@ -278,6 +285,20 @@ class Recommender:
             k,
             [_excluding_interactions(r, e) for r, e in zip(reqs, evidence, strict=True)],
         )
+
+    def _excluded(self, evidence: UserEvidence, request: RankRequest) -> np.ndarray:
+        """The item rows ``request`` keeps out of a folded-in user's list: its deny-list, and
+        with ``exclude_seen`` the interacted items and a known user's training items."""
+        parts = []
+        if request.exclude is not None and request.exclude.numel():
+            parts.append(request.exclude.numpy())
+        if request.exclude_seen:
+            parts.append(evidence.items)
+            if evidence.user >= 0:
+                parts.append(self.exact.tables.seen_rows(evidence.user))
+        if not parts:
+            return _NOTHING
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def similar_items(
         self, items: torch.Tensor, k: int, requests: Sequence[RankRequest] | None = None
@@ -326,4 +347,5 @@ def _rows(rows: dict[str, int], ids: Sequence[str]) -> np.ndarray:
 
 
 _DEFAULT_RANK = RankRequest()
+_NOTHING = np.empty(0, dtype=np.int64)
 _NO_SEEN_RANK = RankRequest(exclude_seen=False)

@@ -6,7 +6,12 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-RPC_LABELS = {"predict": "Predict", "batch": "BatchPredict", "topk": "TopK"}
+RPC_LABELS = {
+    "predict": "Predict",
+    "batch": "BatchPredict",
+    "topk": "TopK",
+    "foldin": "TopK fold-in",
+}
 
 
 @dataclass

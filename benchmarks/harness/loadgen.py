@@ -31,8 +31,11 @@ from benchmarks.harness.common import read_ids
 from mfserve.v1 import recommender_pb2 as pb
 from mfserve.v1 import recommender_pb2_grpc as pb_grpc
 
-RPCS = ("predict", "batch", "topk")
+RPCS = ("predict", "batch", "topk", "foldin")
 POOL = 64  # distinct prebuilt requests per rpc
+# A fold-in TopK is a user the model has never seen, sent with this many rated items: about what
+# a new MovieLens user rates before the site recommends (its minimum is 20).
+FOLD_IN_INTERACTIONS = 20
 
 
 def build_requests(
@@ -54,6 +57,17 @@ def build_requests(
         ]
     if rpc == "topk":
         return [pb.TopKRequest(user_id=rng.choice(users), k=k) for _ in range(POOL)]
+    if rpc == "foldin":
+        return [
+            pb.TopKRequest(
+                k=k,
+                interactions=[
+                    pb.Interaction(item_id=item, rating=rng.choice((2.5, 3.0, 4.0, 4.5, 5.0)))
+                    for item in rng.sample(items, FOLD_IN_INTERACTIONS)
+                ],
+            )
+            for _ in range(POOL)
+        ]
     raise ValueError(f"unknown rpc {rpc!r}")
 
 
@@ -96,7 +110,12 @@ async def serve(args: argparse.Namespace) -> None:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
-        methods = {"predict": stub.Predict, "batch": stub.BatchPredict, "topk": stub.TopK}
+        methods = {
+            "predict": stub.Predict,
+            "batch": stub.BatchPredict,
+            "topk": stub.TopK,
+            "foldin": stub.TopK,
+        }
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line.strip():

@@ -175,3 +175,23 @@ def test_a_known_user_folded_in_with_nothing_ranks_as_the_model_does(
     for (a_items, a_scores), (b_items, b_scores) in zip(folded, normal, strict=True):
         assert a_items == b_items
         np.testing.assert_allclose(a_scores, b_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_the_compiled_scan_and_the_torch_path_rank_folded_users_alike(
+    artifact: ModelArtifact,
+) -> None:
+    pytest.importorskip("numba")
+    compiled = Recommender(artifact)
+    compiled.prepare()
+    reference = Recommender(artifact, compiled=False)
+    evidence = [rated([0, 3, 6, 9]), UserEvidence.of(7, [1, 2], [5.0, 4.0]), UserEvidence.of(8, [])]
+    requests = [
+        RankRequest(),
+        RankRequest(exclude=torch.tensor([10, 11])),
+        RankRequest(exclude_seen=False),
+    ]
+    got = compiled.top_k_folded(evidence, 12, requests)
+    want = reference.top_k_folded(evidence, 12, requests)
+    for (got_items, got_scores), (want_items, want_scores) in zip(got, want, strict=True):
+        assert got_items == want_items
+        np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)

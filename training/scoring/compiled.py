@@ -157,16 +157,65 @@ class RankKernel:
         """Best ``k`` items (rows, scores; best first) for each known user row."""
         return self.top_k_scanned(users, k, exclude_seen)[0]
 
+    def top_k_queries(
+        self,
+        queries: np.ndarray,
+        offsets: np.ndarray | None,
+        k: int,
+        excluded: Sequence[np.ndarray],
+    ) -> list[tuple[list[int], list[float]]]:
+        """Best ``k`` items for query vectors solved at call time (folded-in users), each row
+        never returning the item rows of its ``excluded`` array: the same scan as :meth:`top_k`,
+        with the batch's own exclusions standing in for the seen items."""
+        size = len(queries)
+        lengths = np.fromiter((len(e) for e in excluded), dtype=np.int64, count=size)
+        indptr = np.zeros(size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        indices = (
+            np.concatenate([np.asarray(e, dtype=np.int64) for e in excluded])
+            if indptr[-1]
+            else np.empty(0, dtype=np.int64)
+        )
+        query = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.user_offsets.shape[0]:
+            assert offsets is not None, "this head scores with a user offset"
+            offset = np.ascontiguousarray(offsets, dtype=np.float32)
+        else:
+            offset = self.user_offsets
+        norms = np.linalg.norm(query.astype(np.float64), axis=1)
+        return self._scan(
+            query, offset, norms, np.arange(size, dtype=np.int64), k,
+            np.ones(size, dtype=np.bool_), indptr, indices,
+        )[0]  # fmt: skip
+
     def top_k_scanned(
         self, users: Sequence[int], k: int, exclude_seen: Sequence[bool]
     ) -> tuple[list[tuple[list[int], list[float]]], list[int]]:
         """:meth:`top_k`, and how many items each user's scan visited."""
         rows = np.asarray(users, dtype=np.int64)
-        keys, key_bias, indptr, indices = self.tables
+        offsets = self.user_offsets[rows] if self.user_offsets.shape[0] else self.user_offsets
+        _, _, indptr, indices = self.tables
+        return self._scan(
+            self.user_queries[rows], offsets, self.user_query_norms[rows], rows, k,
+            np.asarray(exclude_seen, dtype=np.bool_), indptr, indices,
+        )  # fmt: skip
+
+    def _scan(
+        self,
+        queries: np.ndarray,
+        offsets: np.ndarray,
+        query_norms: np.ndarray,
+        rows: np.ndarray,
+        k: int,
+        seen: np.ndarray,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+    ) -> tuple[list[tuple[list[int], list[float]]], list[int]]:
+        """The scan itself: ``rows[j]`` indexes the CSR ``indptr`` / ``indices`` of items that
+        row ``j`` must not return (when ``seen[j]``)."""
+        keys, key_bias, _, _ = self.tables
         size = len(rows)
         k = max(1, min(k, keys.shape[0]))
-        offsets = self.user_offsets[rows] if self.user_offsets.shape[0] else self.user_offsets
-        seen = np.asarray(exclude_seen, dtype=np.bool_)
         top_items = np.empty((size, k), dtype=np.int64)
         top_scores = np.empty((size, k), dtype=np.float32)
         counts = np.empty(size, dtype=np.int64)
@@ -174,16 +223,16 @@ class RankKernel:
         if order is None:
             scores = np.empty((size, keys.shape[0]), dtype=np.float32)
             top_k_full(
-                self.user_queries[rows], keys, key_bias, offsets, rows, seen, indptr, indices,
+                queries, keys, key_bias, offsets, rows, seen, indptr, indices,
                 scores, top_items, top_scores, counts,
             )  # fmt: skip
             scanned = [keys.shape[0]] * size
         else:
             visited = np.empty(size, dtype=np.int64)
             top_k_pruned(
-                self.user_queries[rows], keys, key_bias, offsets, rows, seen, indptr, indices,
+                queries, keys, key_bias, offsets, rows, seen, indptr, indices,
                 order.items, order.norms, order.tail_bias, order.slack_bias,
-                self.user_query_norms[rows],
+                query_norms,
                 np.zeros(keys.shape[0], dtype=np.uint8),  # the scanned user's seen items
                 top_items, top_scores, counts, visited,
             )  # fmt: skip
