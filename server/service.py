@@ -55,7 +55,13 @@ from mfserve.server.fold_in import folded_user, require_known_user
 from mfserve.server.model_holder import ModelHolder, ServingModel
 from mfserve.server.reload import Reloader, ReloadError
 from mfserve.server.responses import add_scored, model_info
-from mfserve.server.top_k import check_top_k, known_rows, prepare_top_k, top_k_response
+from mfserve.server.top_k import (
+    PreparedTopK,
+    check_top_k,
+    known_rows,
+    prepare_top_k,
+    top_k_response,
+)
 from mfserve.server.validation import (
     COLD_START_HINT,
     check_sizes,
@@ -79,9 +85,9 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 _RATINGS_FIELD = pb.BatchPredictResponse.DESCRIPTOR.fields_by_name["ratings"].number
-# BatchTopK hands the TopK batcher this many users at a time: a full batch (--max-batch-size's
-# default), and a bounded amount of work per flow-control window.
-BATCH_TOP_K_CHUNK = 64
+# BatchTopK hands the TopK batcher this many users at a time (a few of --max-batch-size's
+# batches), one chunk ahead of the writes: what a paused reader leaves computed.
+BATCH_TOP_K_CHUNK = 256
 # A BatchPredict batch stops growing at this many pairs (a call larger than this goes alone): big
 # enough to amortise the per-batch cost, small enough that 64 calls of 100,000 pairs never gather
 # a gigabyte of factors at once.
@@ -426,15 +432,27 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
             except ServiceError as error:
                 raise error.within(field) from None
         del entries
-        # A chunk at a time through the TopK batcher, as the reader takes the answers: gRPC's
-        # flow control pauses this generator, so a slow reader holds no compute.
-        for start in range(0, len(prepared), BATCH_TOP_K_CHUNK):
-            chunk = prepared[start : start + BATCH_TOP_K_CHUNK]
-            ranked = await asyncio.gather(
-                *(self._top_k_rows(serving, p.row, p.k, p.rank) for p in chunk)
-            )
-            for entry_prepared, (rows, scores) in zip(chunk, ranked, strict=True):
-                yield top_k_response(model, entry_prepared, rows, scores)
+        # A chunk at a time through the TopK batcher, one chunk ahead of the answers being
+        # written, so that ranking (on the compute thread) overlaps the writes (on the loop);
+        # gRPC's flow control pauses this generator, so a slow reader holds at most one chunk.
+        chunks = [
+            prepared[start : start + BATCH_TOP_K_CHUNK]
+            for start in range(0, len(prepared), BATCH_TOP_K_CHUNK)
+        ]
+
+        def rank(chunk: list[PreparedTopK]) -> asyncio.Future[list[RankedRow]]:
+            return asyncio.gather(*(self._top_k_rows(serving, p.row, p.k, p.rank) for p in chunk))
+
+        ahead = rank(chunks[0])
+        try:
+            for number, chunk in enumerate(chunks):
+                ranked = await ahead
+                if number + 1 < len(chunks):
+                    ahead = rank(chunks[number + 1])
+                for entry_prepared, (rows, scores) in zip(chunk, ranked, strict=True):
+                    yield top_k_response(model, entry_prepared, rows, scores)
+        finally:
+            ahead.cancel()  # a cancelled stream leaves no chunk computing
 
     @_rpc
     async def SimilarItems(self, request: pb.SimilarItemsRequest) -> pb.SimilarItemsResponse:  # noqa: N802 (gRPC name)

@@ -175,8 +175,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated: empty, empty-hop, naive, mfserve",
     )
     parser.add_argument(
-        "--rpcs", default="predict,batch,topk", help="comma-separated: predict, batch, topk, foldin (TopK for a new user sent with 20 rated "
-        "items)"
+        "--rpcs",
+        default="predict,batch,topk",
+        help="comma-separated: predict, batch, topk, foldin (TopK for a new user sent with 20 rated "
+        "items)",
     )
     parser.add_argument(
         "--concurrency", default="1,16,64", help="comma-separated in-flight call counts"
