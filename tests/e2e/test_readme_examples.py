@@ -8,6 +8,7 @@ bundled data, which is what the README shows.
 from __future__ import annotations
 
 import json
+import ast
 import os
 import re
 import shlex
@@ -80,7 +81,11 @@ def test_python_sdk_example(address: str) -> None:
     lines = result.stdout.splitlines()
     assert 0.5 <= float(lines[0]) <= 5.0
     assert "unknown: ('nobody',)" in lines
-    assert "('nobody',)" in lines[-1]
+    assert "('nobody',)" in lines
+    fresh = ast.literal_eval(lines[lines.index("('nobody',)") + 1])
+    assert len(fresh) == 5 and not {"296", "318"} & set(fresh)
+    assert [len(ast.literal_eval(line)) for line in lines[-4:-1]] == [3, 3, 3]
+    assert lines[-1] == "10 True"
     assert any("Indiana Jones" in line or "(19" in line for line in lines)
 
 
