@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -88,6 +89,7 @@ _RATINGS_FIELD = pb.BatchPredictResponse.DESCRIPTOR.fields_by_name["ratings"].nu
 # BatchTopK hands the TopK batcher this many users at a time (a few of --max-batch-size's
 # batches), one chunk ahead of the writes: what a paused reader leaves computed.
 BATCH_TOP_K_CHUNK = 256
+BATCH_TOP_K_FIRST_CHUNK = 32
 # A BatchPredict batch stops growing at this many pairs (a call larger than this goes alone): big
 # enough to amortise the per-batch cost, small enough that 64 calls of 100,000 pairs never gather
 # a gigabyte of factors at once.
@@ -435,10 +437,11 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):  # type: ignore[mi
         # A chunk at a time through the TopK batcher, one chunk ahead of the answers being
         # written, so that ranking (on the compute thread) overlaps the writes (on the loop);
         # gRPC's flow control pauses this generator, so a slow reader holds at most one chunk.
-        chunks = [
-            prepared[start : start + BATCH_TOP_K_CHUNK]
-            for start in range(0, len(prepared), BATCH_TOP_K_CHUNK)
-        ]
+        # The first chunk small, so that the first answers leave while the rest are ranked.
+        bounds = [0, min(BATCH_TOP_K_FIRST_CHUNK, len(prepared))]
+        bounds += list(range(bounds[-1] + BATCH_TOP_K_CHUNK, len(prepared), BATCH_TOP_K_CHUNK))
+        bounds.append(len(prepared))
+        chunks = [prepared[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
         def rank(chunk: list[PreparedTopK]) -> asyncio.Future[list[RankedRow]]:
             return asyncio.gather(*(self._top_k_rows(serving, p.row, p.k, p.rank) for p in chunk))
