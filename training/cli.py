@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -103,6 +104,20 @@ def _register_train(subparsers: Any) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine: runs torchrun --standalone "
+        "--nproc-per-node N -m mfserve.training train (the same flags); rank 0 writes the model",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where to train: auto takes a CUDA GPU when torch sees one",
+    )
     _add_data_flags(parser)
     add_hyperparameter_flags(parser)
     parser.set_defaults(handler=_run_train)
@@ -175,11 +190,23 @@ def _fail(message: str) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        return _fail(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, getattr(args, "raw_argv", None) or sys.argv[1:])
+
     from mfserve.training.artifact import ArtifactWriteError
     from mfserve.training.config import config_from_args
     from mfserve.training.data import DataError
+    from mfserve.training.distributed import from_environment, shutdown
+    from mfserve.training.fit import resolve_device
     from mfserve.training.pipeline import train_and_save
 
+    try:
+        wanted = resolve_device(args.device)
+    except ValueError as exc:
+        return _fail(str(exc))
+    ranks = from_environment(wanted)
     try:
         config = config_from_args(args)
         path, metrics = train_and_save(
@@ -190,18 +217,55 @@ def _run_train(args: argparse.Namespace) -> int:
             split_seed=args.split_seed,
             load_options=_load_options(args),
             progress=not args.no_progress,
+            ranks=ranks,
+            device=ranks.device if ranks.active else wanted,
         )
     except (DataError, ValueError) as exc:
         return _fail(str(exc))
     except ArtifactWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED
+    finally:
+        shutdown(ranks)
+    if path is None:  # another rank than 0: it trained its share, rank 0 writes
+        return 0
     if args.json:
         print(json.dumps({"path": str(path), "metrics": metrics}, indent=2))
     else:
         print(f"saved {path}")
         _print_metrics(metrics)
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``mfserve train --nproc N``: the same command under torchrun, N processes on this host
+    (``--standalone``: a local rendezvous on a free port)."""
+    import subprocess
+
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "mfserve.training", *rest,
+    ]  # fmt: skip
+    return subprocess.run(command, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mfserve.training``: the training commands alone (what torchrun runs)."""
+    parser = argparse.ArgumentParser(prog="mfserve")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
+    return int(args.handler(args))
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mfserve.training.config import TrainConfig
+from mfserve.training.distributed import SINGLE, Ranks
 
 DEFAULT_RATING_RANGE = (0.5, 5.0)  # MovieLens; fit() takes the data set's own
 # Rating-visits an epoch may spend refreshing the rating head's implicit sums (two sparse
@@ -68,6 +69,21 @@ def _init_factors(n: int, d: int, config: TrainConfig, g: torch.Generator) -> to
     return torch.randn(n, d, generator=g).mul_(config.init_std)
 
 
+def resolve_device(name: str, ranks: Ranks = SINGLE) -> str:
+    """``auto``: a CUDA device when torch sees one, else the CPU; ``cuda`` without one is an
+    error that says so. Under torchrun each rank takes the GPU of its local rank."""
+    import os
+
+    available = torch.cuda.is_available()
+    if name == "cuda" and not available:
+        raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available())")
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: use auto, cpu or cuda")
+    if name == "cpu" or not available:
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if ranks.active else "cuda"
+
+
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices ``(fit_rows, val_rows)``: a seeded random ``fraction`` of the rows held out."""
     g = torch.Generator().manual_seed(seed + 1)  # own stream: independent of the batch order
@@ -97,7 +113,7 @@ def _csr(
 ) -> torch.Tensor:
     """CSR from (row, col, value) triplets (any order)."""
     order = torch.argsort(rows * shape[1] + cols)
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long)
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     with warnings.catch_warnings():  # "CSR support is in beta": the ops used here are stable
         warnings.simplefilter("ignore", UserWarning)
@@ -127,27 +143,31 @@ def _fit_rating_head(
     config: TrainConfig,
     progress: bool,
     rating_range: tuple[float, float],
+    ranks: Ranks = SINGLE,
 ) -> tuple[dict[str, torch.Tensor], float, list[dict[str, float]], int]:
     g = torch.Generator().manual_seed(config.seed)
+    device = r.device  # random draws on the CPU generator (the same on every device), then moved
     if config.val_fraction > 0:
         fit_rows, val_rows = split_validation(len(r), config.val_fraction, config.seed)
     else:
         fit_rows, val_rows = torch.arange(len(r)), torch.zeros(0, dtype=torch.long)
+    fit_rows, val_rows = fit_rows.to(device), val_rows.to(device)
     fu, fi, fr = u[fit_rows], i[fit_rows], r[fit_rows]
     vu, vi, vr = u[val_rows], i[val_rows], r[val_rows]
     # The global mean is a constant, not a parameter: biases absorb the rest.
     mu = float(fr.mean()) if config.use_biases else 0.0
 
-    p = _init_factors(n_users, config.factors, config, g).requires_grad_()
-    q = _init_factors(n_items, config.factors, config, g).requires_grad_()
-    bu = torch.zeros(n_users, requires_grad=config.use_biases)
-    bi = torch.zeros(n_items, requires_grad=config.use_biases)
+    p = _init_factors(n_users, config.factors, config, g).to(device).requires_grad_()
+    q = _init_factors(n_items, config.factors, config, g).to(device).requires_grad_()
+    bu = torch.zeros(n_users, device=device, requires_grad=config.use_biases)
+    bi = torch.zeros(n_items, device=device, requires_grad=config.use_biases)
     params = {"p": p, "q": q, "bu": bu, "bi": bi}
     trainable = [p, q] + ([bu, bi] if config.use_biases else [])
     if config.implicit:
         # Implicit-feedback factors: which items a user rated (all given rows, values unused).
-        y = (torch.randn(n_items, config.factors, generator=g) * config.init_std).requires_grad_()
-        z = (torch.randn(n_users, config.factors, generator=g) * config.init_std).requires_grad_()
+        y = torch.randn(n_items, config.factors, generator=g).mul_(config.init_std)
+        z = torch.randn(n_users, config.factors, generator=g).mul_(config.init_std)
+        y, z = y.to(device).requires_grad_(), z.to(device).requires_grad_()
         trainable += [y, z]
         # Row-normalised |N|^-1/2 indicator matrices as CSR: one sparse matmul folds the
         # implicit sums for every user (item) per step, ~50x faster than index_add on CPU.
@@ -198,11 +218,28 @@ def _fit_rating_head(
         imp_u, imp_i = implicit_sums()
         grad_u, grad_i = torch.zeros_like(imp_u), torch.zeros_like(imp_i)
         since = 0
+    # The batches of the epoch under way, with the ratings per second (refreshed by tqdm at most
+    # ten times a second, so it costs nothing per batch).
+    batches = tqdm(
+        total=n_batches, desc="  batches", unit="batch", disable=not progress, leave=False
+    )
     for epoch in bar:
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g).to(device)
         total = 0.0
+        batches.reset()
+        epoch_started = time.perf_counter()
         for batch, start in enumerate(range(0, n, config.batch_size)):
             idx = perm[start : start + config.batch_size]
+            # With several ranks every loss term is this rank's share of the global batch (its
+            # sum over the batch's size), so the ranks' gradients sum to the single-process one;
+            # one process keeps torch.mean, bit for bit the recipe's tensors.
+            size = len(idx)
+            if ranks.active:
+                idx = idx[ranks.rank :: ranks.world]
+
+            def batch_mean(values: torch.Tensor, size: int = size) -> torch.Tensor:
+                return values.sum() / size if ranks.active else torch.mean(values)
+
             bu_idx, bi_idx, br = fu[idx], fi[idx], fr[idx]
             pu, qi = rows(p, bu_idx), rows(q, bi_idx)
             if config.implicit:
@@ -210,14 +247,18 @@ def _fit_rating_head(
                 iq = imp_i[bi_idx].requires_grad_()
                 pu, qi = pu + iu, qi + iq
             pred = mu + bu[bu_idx] + bi[bi_idx] + (pu * qi).sum(1)
-            mse = torch.mean((pred - br) ** 2)
+            mse = batch_mean((pred - br) ** 2)
             # L2 on the looked-up rows only: frequent users/items are regularised per rating,
             # which is the classic SGD-MF objective written as a batch mean.
-            loss = mse + config.reg * torch.mean((pu * pu).sum(1) + (qi * qi).sum(1))
+            loss = mse + config.reg * batch_mean((pu * pu).sum(1) + (qi * qi).sum(1))
             if config.use_biases and config.bias_reg > 0:
-                loss = loss + config.bias_reg * torch.mean(bu[bu_idx] ** 2 + bi[bi_idx] ** 2)
+                loss = loss + config.bias_reg * batch_mean(bu[bu_idx] ** 2 + bi[bi_idx] ** 2)
             opt.zero_grad(set_to_none=True)
             (loss * loss_scale).backward()
+            if ranks.active:
+                for table in trainable:
+                    if table is not y and table is not z:  # y, z: summed at the refresh
+                        table.grad = ranks.sum_grad(table.grad, table)
             refresh = False
             if config.implicit:
                 assert iu.grad is not None and iq.grad is not None
@@ -226,6 +267,8 @@ def _fit_rating_head(
                 since += 1
                 refresh = (batch + 1) % window == 0 or batch + 1 == n_batches
                 if refresh:
+                    ranks.sum_(grad_u)
+                    ranks.sum_(grad_i)
                     y.grad = (s_u_t @ grad_u).div_(since)
                     z.grad = (s_i_t @ grad_i).div_(since)
             opt.step()
@@ -234,8 +277,13 @@ def _fit_rating_head(
                 grad_u.zero_()
                 grad_i.zero_()
                 since = 0
-            total += float(mse.detach()) * len(idx)
+            total += float(mse.detach()) * size
+            batches.update()
+        if ranks.active:
+            summed = ranks.sum_(torch.tensor([total], dtype=torch.float64, device=device))
+            total = float(summed.item())
         row: dict[str, float] = {"epoch": float(epoch), "train_mse": total / n}
+        rate = n / max(time.perf_counter() - epoch_started, 1e-9)
         with torch.no_grad():
             pe, qe = effective()
         snap = {"p": pe, "q": qe, "bu": bu, "bi": bi}
@@ -251,9 +299,11 @@ def _fit_rating_head(
             best_epoch = epoch
             best_state = {k: v.detach().clone() for k, v in snap.items()}
         history.append(row)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k != "epoch"})
+        shown = {k: f"{v:.4f}" for k, v in row.items() if k != "epoch"}
+        bar.set_postfix({**shown, "ratings/s": f"{rate:,.0f}"})
         if config.patience > 0 and len(vr) and since_best >= config.patience:
             break
+    batches.close()
     bar.close()
     return best_state, mu, history, best_epoch
 
@@ -294,7 +344,7 @@ def _cg_solve(
     ``conf_minus_1`` is the CSR ``[len(x), len(other)]`` of ``c - 1``; each matvec is an SDDMM
     and a sparse matmul, O(nnz * d + n * d^2), with nothing of size nnz x d.
     """
-    gram = other.T @ other + reg * torch.eye(other.shape[1])
+    gram = other.T @ other + reg * torch.eye(other.shape[1], device=other.device)
     weights = conf_minus_1.values()
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -326,30 +376,49 @@ def _fit_ials(
     config: TrainConfig,
     progress: bool,
     rating_range: tuple[float, float],
+    ranks: Ranks = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     g = torch.Generator().manual_seed(config.seed + 2)
     # Duplicate (user, item) rows would double-count confidence: keep one (the last) per pair.
     codes = u * n_items + i
     order = torch.argsort(codes, stable=True)
     codes_sorted = codes[order]
-    last = torch.ones(len(codes_sorted), dtype=torch.bool)
+    last = torch.ones(len(codes_sorted), dtype=torch.bool, device=codes.device)
     last[:-1] = codes_sorted[1:] != codes_sorted[:-1]
     keep = order[last]
     u, i, r = u[keep], i[keep], r[keep]
     weight = torch.ones_like(r) if config.rank_weighting == "binary" else r / rating_range[1]
     conf_minus_1 = config.rank_alpha * weight
     d = config.rank_factors
-    x = torch.randn(n_users, d, generator=g) * config.rank_init_std
-    y = torch.randn(n_items, d, generator=g) * config.rank_init_std
+    x = (torch.randn(n_users, d, generator=g) * config.rank_init_std).to(r.device)
+    y = (torch.randn(n_items, d, generator=g) * config.rank_init_std).to(r.device)
     reg, steps = config.rank_reg, config.rank_cg_steps
     by_user = _csr(u, i, conf_minus_1, (n_users, n_items))
     by_item = _csr(i, u, conf_minus_1, (n_items, n_users))
     weights = by_user.values()
+    # Each rank solves its block of users (items); CG is per row, so the blocks, gathered, are
+    # the single-process sweep.
+    users_lo, users_hi = ranks.block(n_users)
+    items_lo, items_hi = ranks.block(n_items)
+    mine_u = (u >= users_lo) & (u < users_hi)
+    mine_i = (i >= items_lo) & (i < items_hi)
+    block_u = _csr(
+        u[mine_u] - users_lo, i[mine_u], conf_minus_1[mine_u], (users_hi - users_lo, n_items)
+    )
+    block_i = _csr(
+        i[mine_i] - items_lo, u[mine_i], conf_minus_1[mine_i], (items_hi - items_lo, n_users)
+    )
     losses: list[float] = []
     bar = tqdm(range(config.rank_iters), desc="ranking head", disable=not progress, leave=False)
     for _ in bar:
-        x = _cg_solve(x, y, conf_minus_1=by_user, reg=reg, steps=steps)
-        y = _cg_solve(y, x, conf_minus_1=by_item, reg=reg, steps=steps)
+        if ranks.active:
+            x_block = _cg_solve(x[users_lo:users_hi], y, conf_minus_1=block_u, reg=reg, steps=steps)
+            x = ranks.gather_blocks(x_block, n_users)
+            y_block = _cg_solve(y[items_lo:items_hi], x, conf_minus_1=block_i, reg=reg, steps=steps)
+            y = ranks.gather_blocks(y_block, n_items)
+        else:
+            x = _cg_solve(x, y, conf_minus_1=by_user, reg=reg, steps=steps)
+            y = _cg_solve(y, x, conf_minus_1=by_item, reg=reg, steps=steps)
         # Weighted implicit loss without the dense U x I matrix: the all-zeros part is
         # tr(X^T X Y^T Y), the observed part corrects it per interaction.
         pred = _observed_scores(by_user, x, y)
@@ -374,8 +443,12 @@ def fit(
     *,
     progress: bool = True,
     rating_range: tuple[float, float] = DEFAULT_RATING_RANGE,
+    ranks: Ranks = SINGLE,
+    device: str | torch.device = "cpu",
 ) -> FitResult:
     """Train both heads on encoded ``(users, items, ratings)`` rows; deterministic for a seed.
+    ``ranks``: this process's share of a torchrun job (:mod:`mfserve.training.distributed`);
+    ``device``: where the tensors live (``resolve_device``); the saved tensors are on the CPU.
 
     The rating head trains on the rows minus a ``val_fraction`` validation slice and keeps the
     epoch with the best validation RMSE; the ranking head uses every given row.
@@ -384,16 +457,17 @@ def fit(
     _validate(config)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    u = torch.as_tensor(np.asarray(users, dtype=np.int64))
-    i = torch.as_tensor(np.asarray(items, dtype=np.int64))
-    r = torch.as_tensor(np.asarray(ratings, dtype=np.float32))
+    u = torch.as_tensor(np.asarray(users, dtype=np.int64)).to(device)
+    i = torch.as_tensor(np.asarray(items, dtype=np.int64)).to(device)
+    r = torch.as_tensor(np.asarray(ratings, dtype=np.float32)).to(device)
     if not (len(u) == len(i) == len(r)) or len(r) == 0:
         raise ValueError("users, items and ratings must be non-empty and of equal length")
 
     # Gradient scatter (index_put with accumulate) is parallel and order-dependent on CPU by
     # default; deterministic mode sorts first, so the same seed gives bit-identical tensors.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    # CUDA lacks deterministic kernels for some of these ops: there, warn rather than refuse.
+    torch.use_deterministic_algorithms(True, warn_only=u.device.type != "cpu")
     try:
         state, mu, history, best_epoch = _fit_rating_head(
             u,
@@ -404,6 +478,7 @@ def fit(
             config=config,
             progress=progress,
             rating_range=rating_range,
+            ranks=ranks,
         )
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
@@ -423,12 +498,13 @@ def fit(
             config=config,
             progress=progress,
             rating_range=rating_range,
+            ranks=ranks,
         )
         tensors["rank_user_factors"] = x
         tensors["rank_item_factors"] = y
         # Rating epochs first, then one row per iALS sweep (distinguished by "rank_iter").
         history += [{"rank_iter": float(k + 1), "rank_loss": v} for k, v in enumerate(losses)]
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     return FitResult(
         tensors=tensors,
         global_mean=mu,

@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfserve.training.artifact import ModelArtifact, check_writable, load_artifact, save_artifact
+from mfserve.training.artifact import (
+    ArtifactWriteError,
+    ModelArtifact,
+    check_writable,
+    load_artifact,
+    save_artifact,
+)
 from mfserve.training.config import TrainConfig
 from mfserve.training.data import RatingsData, load_ratings
+from mfserve.training.distributed import SINGLE, Ranks
 from mfserve.training.evaluate import (
     ProtocolData,
     evaluate_baselines,
@@ -88,15 +95,28 @@ def train_and_save(
     split_seed: int = 42,
     load_options: dict[str, Any] | None = None,
     progress: bool = True,
-) -> tuple[Path, dict[str, float]]:
+    ranks: Ranks = SINGLE,
+    device: str = "cpu",
+) -> tuple[Path | None, dict[str, float]]:
     """Load, split, fit, evaluate on the held-out part, and save the next version under ``out``.
 
     Nothing is written until training and evaluation have succeeded; a folder that cannot be
     written (read-only, a file in the way) is an ``ArtifactWriteError`` before training starts.
+    Under torchrun (``ranks``) every rank trains its share and only rank 0 evaluates and writes:
+    the others return ``(None, {})``.
     """
     config = config or TrainConfig()
-    check_writable(out)
-    data = load_ratings(source, progress=progress, **(load_options or {}))
+    problem: ArtifactWriteError | None = None
+    if ranks.writes:
+        try:
+            check_writable(out)
+        except ArtifactWriteError as exc:
+            problem = exc
+    if not ranks.agree(problem is None):
+        if problem is not None:
+            raise problem
+        return None, {}
+    data = load_ratings(source, progress=progress and ranks.writes, **(load_options or {}))
     protocol = protocol_for(data, holdout, split_seed)
     result = fit(
         protocol.train_users,
@@ -105,9 +125,13 @@ def train_and_save(
         protocol.n_users,
         protocol.n_items,
         config,
-        progress=progress,
+        progress=progress and ranks.writes,
         rating_range=data.rating_range,
+        ranks=ranks,
+        device=device,
     )
+    if not ranks.writes:
+        return None, {}
     artifact = assemble_artifact(protocol, result, data, config)
     metrics: dict[str, float] = {"train_seconds": round(result.seconds, 3)}
     if len(protocol.test_ratings):

@@ -7,8 +7,8 @@ bundled data, which is what the README shows.
 
 from __future__ import annotations
 
-import json
 import ast
+import json
 import os
 import re
 import shlex

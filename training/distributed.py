@@ -1,0 +1,137 @@
+"""Training on several processes with ``torch.distributed``: ``torchrun --nproc-per-node N -m
+mfserve.training train ...`` (``mfserve train --nproc N`` runs torchrun itself).
+
+What each rank does (``mfserve.training.fit`` calls the collectives below; with one process they
+are no-ops and the code is the single-process code):
+
+* Every rank reads the ratings and encodes them (the id maps must agree), then works on its
+  shard: in each global batch of the rating head, rank ``r`` takes rows ``r, r + N, ...``.
+* **Rating head**: each rank's loss is its rows' share of the global batch's loss, so the sum
+  of the ranks' gradients is the single-process gradient of the whole batch. Gradients are
+  summed across ranks before every step: dense ones (biases, Adam's) with one all-reduce,
+  SGD's sparse row gradients over the union of the rows the ranks touched (all-gathered), so a
+  step moves what one process would move. The parameters stay identical on every rank.
+* **Ranking head (iALS)**: each sweep, rank ``r`` solves its contiguous block of users (then of
+  items) and the blocks are all-gathered; the CG solve is per row, so this is the single-process
+  sweep, split.
+* Rank 0 evaluates and writes the one artifact; the other ranks write nothing.
+
+Backend: gloo on CPU, nccl when training on a GPU. Multi-node: torchrun's own rendezvous flags
+(``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``...), see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"  # where the collectives' tensors live (nccl wants them on the GPU)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process evaluates and writes the artifact (rank 0)."""
+        return self.rank == 0
+
+    def block(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share ``[lo, hi)`` of ``n`` rows (the first ranks one more)."""
+        base, extra = divmod(n, self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
+
+    # ------------------------------------------------------------- collectives
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (returned for chaining)."""
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather_blocks(self, block: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``[n, ...]`` table whose rank-``r`` rows are rank ``r``'s :meth:`block` of it."""
+        if not self.active:
+            return block
+        sizes = [Ranks(r, self.world).block(n) for r in range(self.world)]
+        largest = max(hi - lo for lo, hi in sizes)
+        padded = torch.zeros((largest, *block.shape[1:]), dtype=block.dtype, device=block.device)
+        padded[: len(block)] = block
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, sizes, strict=True)])
+
+    def sum_grad(self, grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """A parameter's gradient summed over the ranks: dense with one all-reduce, sparse (the
+        embedding rows a batch looked up) over the union of every rank's rows."""
+        if not self.active:
+            assert grad is not None
+            return grad
+        device = like.device
+        if grad is None:  # this rank's shard of the batch did not reach the parameter
+            grad = torch.sparse_coo_tensor(
+                torch.empty((1, 0), dtype=torch.long, device=device),
+                torch.empty((0, *like.shape[1:]), device=device),
+                like.shape,
+                check_invariants=False,
+            )
+        if not grad.is_sparse:
+            return self.sum_(grad)
+        grad = grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()
+        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world)]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=device))
+        largest = int(max(c.item() for c in counts))
+        padded = torch.full((largest,), -1, dtype=torch.long, device=device)
+        padded[: len(rows)] = rows
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded)
+        union = torch.unique(torch.cat(gathered))
+        union = union[union >= 0]
+        block = torch.zeros((len(union), *values.shape[1:]), dtype=values.dtype, device=device)
+        block[torch.searchsorted(union, rows)] = values
+        dist.all_reduce(block)
+        # Built from a sorted, distinct union: valid by construction, so no check.
+        return torch.sparse_coo_tensor(union[None], block, like.shape, check_invariants=False)
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank says ``ok`` (a check only rank 0 makes, such as a writable
+        folder, must stop all of them, or the others would wait in a collective forever)."""
+        if not self.active:
+            return ok
+        flag = torch.tensor([1 if ok else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+
+SINGLE = Ranks()
+
+
+def from_environment(device: str = "cpu") -> Ranks:
+    """The ranks torchrun describes in the environment (``WORLD_SIZE``, ``RANK``), the process
+    group joined (nccl for a GPU, else gloo); one process of one without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    gpu = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if gpu else "gloo")
+    if gpu:  # one GPU per process: the one of this node's local rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.active and dist.is_initialized():
+        dist.destroy_process_group()
