@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from mfserve import __version__
 
-from . import _render
+from . import _cli_batch, _render
 from ._cli_connection import connection_options, error_message, open_client
 from ._cli_interactions import add_interactions_option
 from ._exceptions import MfserveError
@@ -141,6 +141,8 @@ def _register_client_commands(subparsers: Any) -> None:
     parser.add_argument(
         "--cold-start", action="store_true", help="answer an unknown user with popular items"
     )
+
+    _cli_batch.register(add)
 
     parser = add("similar", _similar, help="items most similar to one item (from a server)")
     parser.add_argument("item", help="item id")

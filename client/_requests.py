@@ -38,18 +38,26 @@ def interactions_list(values: InteractionsLike | None, name: str = "interactions
         raise TypeError(f"{name} must be a sequence of interactions, not a single string")
     out = []
     for index, value in enumerate(values):
-        if isinstance(value, str):
-            item, rating, weight = value, None, None
-        elif isinstance(value, tuple) and 1 <= len(value) <= 3:
+        if isinstance(value, pb.Interaction):  # already the message: presence is its own
+            out.append(value)
+            continue
+        if isinstance(value, tuple):
+            if not 1 <= len(value) <= 3:
+                raise TypeError(
+                    f"{name}[{index}] has {len(value)} parts: give (item_id, rating[, weight])"
+                )
             item, rating, weight = (*value, None, None)[:3]
-        elif hasattr(value, "item_id"):
+        elif hasattr(value, "item_id") and hasattr(value, "rating"):  # an Interaction
             item, rating, weight = value.item_id, value.rating, value.weight
-        else:
+        elif isinstance(value, (list, dict, set)) or value is None:
             raise TypeError(
                 f"{name}[{index}] is {type(value).__name__}: give an item id, an "
                 "(item_id, rating[, weight]) tuple or an Interaction"
             )
-        message = pb.Interaction(item_id=str(item))
+        else:  # an id of any type, converted with str() like every other id
+            item, rating, weight = value, None, None
+        tolist = getattr(item, "item", None)  # a numpy scalar: its Python value, not its repr
+        message = pb.Interaction(item_id=str(tolist() if callable(tolist) else item))
         if rating is not None:
             message.rating = float(rating)
         if weight is not None:

@@ -57,9 +57,11 @@ def top_k_batch(model: ServingModel, payloads: list[RankPayload]) -> list[Ranked
     out = []
     for row, (_, k, request) in zip(ranked, payloads, strict=True):
         stable = tie_stable(row)
-        out.append(
-            diversify(stable, keys, k, request.diversity) if request.diversity > 0 else stable
-        )
+        if request.diversity > 0:
+            # The row's own pool, whatever else the batch fetched: the same list in any batch.
+            pool = pool_size(k)
+            stable = diversify((stable[0][:pool], stable[1][:pool]), keys, k, request.diversity)
+        out.append(stable)
     return _cut(out, payloads)
 
 

@@ -58,11 +58,15 @@ def read_page(request: pb.TopKRequest, k: int, version: int) -> Page:
         raise invalid_argument(
             "page_token", request.page_token, f"is not a token this server issued; {START_AGAIN}"
         ) from None
-    if token_fingerprint != mine or not 0 < start < k:
+    if token_fingerprint != mine:
         raise invalid_argument(
             "page_token",
             request.page_token,
             f"belongs to a request with other fields (only page_size may change); {START_AGAIN}",
+        )
+    if not 0 < start < k:
+        raise invalid_argument(
+            "page_token", request.page_token, f"points outside the list of k={k}; {START_AGAIN}"
         )
     if issued != version:
         raise invalid_argument(

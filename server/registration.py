@@ -125,10 +125,19 @@ def _admitted_stream(
             try:
                 request = request_class.FromString(raw)
             except DecodeError as exc:
-                await abort(context, malformed(request_class, exc))
-            del raw
-            async for response in method(request, context):
-                yield response
+                refusal = malformed(request_class, exc)
+            else:
+                refusal = None
+            del raw  # an abort's traceback keeps this frame (_unchained)
+            try:
+                if refusal is not None:
+                    await abort(context, refusal)
+                stream = method(request, context)
+                del request
+                async for response in stream:
+                    yield response
+            except grpc.aio.AbortError as exc:
+                raise _unchained(exc) from None
         finally:
             admission.leave()
 

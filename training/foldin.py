@@ -37,6 +37,10 @@ from mfserve.training.config import TrainConfig
 __all__ = ["FoldIn", "UserEvidence"]
 
 _DEFAULTS = TrainConfig()
+GRAM_BLOCK_ROWS = 65_536
+# A floor on the rating head's ridge, so that a model trained with reg 0 (the reference recipe)
+# still gives a user with fewer ratings than factors a solvable system.
+MIN_RIDGE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,20 @@ class FoldIn:
             self.binary = params.get("rank_weighting", _DEFAULTS.rank_weighting) == "binary"
             self.y = tensors["rank_item_factors"].numpy()
             self.rank_users = tensors["rank_user_factors"].numpy()
-            y64 = self.y.astype(np.float64)
-            d = y64.shape[1]
-            self._gram = y64.T @ y64 + self.rank_reg * np.eye(d)
+            d = self.y.shape[1]
+            # Accumulated in float64 a block at a time: a float64 copy of a 1M-item table would
+            # be 0.5 GB for a moment at every load.
+            gram = np.zeros((d, d))
+            for start in range(0, self.y.shape[0], GRAM_BLOCK_ROWS):
+                block = self.y[start : start + GRAM_BLOCK_ROWS].astype(np.float64)
+                gram += block.T @ block
+            self._gram = gram + self.rank_reg * np.eye(d)
             self._gram_inverse = np.linalg.inv(self._gram)
             # A training item's confidence weight when its rating is not kept (module doc).
-            self._mean_weight = 1.0 if self.binary else self.mu / self.rating_range[1]
+            # (mu is 0 in a model without biases: the middle of the range stands in for it.)
+            low, high = self.rating_range
+            mean_rating = self.mu if self.use_biases and self.mu > 0 else (low + high) / 2
+            self._mean_weight = 1.0 if self.binary else mean_rating / high
 
     def _seen(self, user: int) -> np.ndarray:
         seen: np.ndarray = self.seen_indices[self.seen_indptr[user] : self.seen_indptr[user + 1]]
@@ -160,12 +172,22 @@ class FoldIn:
             inner.flat[:: len(conf) + 1] += 1.0 / conf  # the diagonal
             query: np.ndarray = z - b.T @ np.linalg.solve(inner, y @ z)
             return query
-        lhs = self._gram + (y.T * conf) @ y
         if evidence.user >= 0:
-            seen = self.y[self._seen(evidence.user)].astype(np.float64)
-            prior = self._gram + (self.alpha * self._mean_weight) * (seen.T @ seen)
-            lhs += prior - self._gram
+            training = self._seen(evidence.user)
+            seen = self.y[training].astype(np.float64)
+            prior_conf = self.alpha * self._mean_weight
+            prior = self._gram + prior_conf * (seen.T @ seen)
+            # An item the user had in training is already a preference of 1 in the prior: a new
+            # interaction with it replaces its confidence, and adds no second preference.
+            again = np.isin(evidence.items, training)
+            if again.any():
+                preference = np.where(again, 0.0, 1.0)
+                conf = np.where(again, conf - prior_conf, conf)
+                rhs = y.T @ (preference + conf)
+            lhs = prior + (y.T * conf) @ y
             rhs += prior @ self.rank_users[evidence.user]
+        else:
+            lhs = self._gram + (y.T * conf) @ y
         solved: np.ndarray = np.linalg.solve(lhs, rhs)
         return solved
 
@@ -176,8 +198,8 @@ class FoldIn:
         f = self.q.shape[1]
         factors = np.zeros((len(users), f), np.float32)
         biases = np.zeros(len(users), np.float32)
-        penalty = np.full(f + 1, self.reg)
-        penalty[f] = self.bias_reg if self.use_biases else 0.0
+        penalty = np.full(f + 1, max(self.reg, MIN_RIDGE))
+        penalty[f] = max(self.bias_reg, MIN_RIDGE) if self.use_biases else 0.0
         for n, evidence in enumerate(users):
             rated = ~np.isnan(evidence.ratings)
             items = evidence.items[rated]

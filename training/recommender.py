@@ -127,6 +127,7 @@ class Recommender:
         if ranking:
             self.ranker  # noqa: B018 (the property builds it)
         self.rating_kernel  # noqa: B018
+        self.fold_in  # noqa: B018 (its gram matrix is one pass over the item table)
 
     @property
     def rating_kernel(self) -> PairKernel | None:

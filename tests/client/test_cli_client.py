@@ -48,7 +48,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--help"])
     out = capsys.readouterr().out
     assert code == 0
-    for command in ("predict", "batch-predict", "topk", "similar", "info", "health"):
+    for command in ("predict", "batch-predict", "topk", "batch-topk", "similar", "info", "health"):
         assert f"    {command}" in out
     for area in ("mfserve.server.cli", "mfserve.training.cli"):
         try:
@@ -306,3 +306,23 @@ def test_bad_interactions_flag_names_the_entry(cli: Any, bad: str) -> None:
 def test_topk_needs_a_user_or_interactions(cli: Any) -> None:
     code, _, err = cli("topk")
     assert code == 2 and "give a user id" in err
+
+
+def test_batch_topk_streams_every_users_list(cli: Any, server_address: str, tmp_path: Path) -> None:
+    from mfserve.client import RecommenderClient
+
+    users = tmp_path / "users.txt"
+    users.write_text("u1\n\nu2\nu3\n")
+    code, out, _ = cli("batch-topk", str(users), "-k", "3")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header == "user,rank,item,score" and len(rows) == 9
+    with RecommenderClient(server_address) as client:
+        assert [r.split(",")[2] for r in rows[:3]] == client.top_k("u1", k=3).item_ids
+    code, out, _ = cli("batch-topk", str(users), "-k", "2", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["user_id"] for line in lines] == ["u1", "u2", "u3"]
+    assert all(len(line["items"]) == 2 for line in lines)
+    users.write_text("u1\nghost\n")
+    code, _, err = cli("batch-topk", str(users))
+    assert code == 1 and "ghost" in err

@@ -85,7 +85,9 @@ def test_predict_and_batch_predict_with_interactions(
 
 def test_bad_interactions_raise_before_or_from_the_server(client: RecommenderClient) -> None:
     with pytest.raises(TypeError, match=r"interactions\[1\]"):
-        client.top_k(interactions=[("i1", 4.0), 42])
+        client.top_k(interactions=[("i1", 4.0), ["i2"]])
+    with pytest.raises(TypeError, match=r"interactions\[0\] has 4 parts"):
+        client.top_k(interactions=[("i1", 4.0, 1.0, "extra")])
     with pytest.raises(InvalidArgumentError) as caught:
         client.top_k(interactions=[("i1", 9.0)])
     assert [v.field for v in caught.value.field_violations] == ["interactions[0].rating"]
@@ -141,3 +143,14 @@ def test_async_batch_top_k_and_fold_in(server_address: str, client: RecommenderC
     streamed, folded = asyncio.run(run())
     assert streamed == [client.top_k(u, k=4).item_ids for u in USERS[:10]]
     assert folded == client.top_k(interactions=SESSION, k=4).item_ids
+
+
+def test_interactions_as_messages_and_non_string_ids(client: RecommenderClient) -> None:
+    from mfserve.client._requests import interactions_list
+
+    message = pb.Interaction(item_id="i3")  # no rating, no weight: they stay unset
+    sent = interactions_list([message, 7, ("i9", 4)])
+    assert sent[0] is message and not sent[0].HasField("weight")
+    assert [m.item_id for m in sent] == ["i3", "7", "i9"]
+    assert sent[2].rating == 4.0 and not sent[2].HasField("weight")
+    assert client.top_k(interactions=[message], k=3).item_ids

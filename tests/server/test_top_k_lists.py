@@ -211,3 +211,18 @@ def test_a_slow_reader_holds_no_compute(
     assert still == paused_at, (paused_at, still)  # nothing more computed while paused
     assert still < MAX_BATCH_USERS, still
     assert sum(1 for _ in stream) == MAX_BATCH_USERS - 1
+
+
+def test_a_diverse_list_is_the_same_in_any_batch(handle: ServerThread) -> None:
+    # Another call in the batch may fetch far more items; a diverse row keeps its own pool.
+    from mfserve.server.batch_compute import top_k_batch
+    from mfserve.training.scoring import RankRequest
+
+    serving = handle.server.holder.serving
+    model = serving.recommender
+    row = model.user_row("u3")
+    diverse = (row, 10, RankRequest(diversity=0.7))
+    alone = top_k_batch(serving, [diverse])
+    together = top_k_batch(serving, [diverse, (model.user_row("u4"), 400, RankRequest())])
+    assert together[0] == alone[0]
+    assert len(together[1][0]) > 100  # the batch fetched past the diverse row's pool of 100

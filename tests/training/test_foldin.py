@@ -195,3 +195,35 @@ def test_the_compiled_scan_and_the_torch_path_rank_folded_users_alike(
     for (got_items, got_scores), (want_items, want_scores) in zip(got, want, strict=True):
         assert got_items == want_items
         np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_item_sent_again_at_the_mean_confidence_changes_nothing(
+    artifact: ModelArtifact,
+) -> None:
+    # The prior already counts each training item once, at the model's mean confidence: the
+    # same item sent again with that confidence must not count a second preference.
+    fold = FoldIn(artifact)
+    user = 4
+    seen = artifact.seen_indices[artifact.seen_indptr[user] : artifact.seen_indptr[user + 1]]
+    mean_rating = fold._mean_weight * artifact.rating_range[1]
+    again = UserEvidence.of(user, seen[:2].tolist(), [mean_rating] * 2)
+    queries, _ = fold.ranking_queries([again])
+    np.testing.assert_allclose(
+        queries[0], artifact.tensors["rank_user_factors"].numpy()[user], rtol=1e-4, atol=1e-5
+    )
+    higher = UserEvidence.of(user, seen[:2].tolist(), [5.0, 5.0])
+    assert not np.allclose(fold.ranking_queries([higher])[0][0], queries[0])
+
+
+def test_a_model_trained_without_regularisation_still_folds_users_in(
+    artifact: ModelArtifact,
+) -> None:
+    # The reference recipe: reg 0, no biases. One rating, six factors: a rank-deficient
+    # system without the ridge floor.
+    bare = dataclasses.replace(
+        artifact, hyperparameters={**PARAMS, "reg": 0.0, "bias_reg": 0.0, "use_biases": False}
+    )
+    fold = FoldIn(bare)
+    rating = fold.predict(UserEvidence.of(-1, [3], [4.5]), np.array([3, 4, 5]))
+    assert np.isfinite(rating).all()
+    assert rating[0] == pytest.approx(4.5, abs=0.05)  # the rated item is fitted
