@@ -404,10 +404,6 @@ def _serve(config: ServerConfig, model_path: str | os.PathLike[str] | None) -> i
         pin_process(config.pin_cpus[0])
         log.info("mfserve: pinned to CPU %d", config.pin_cpus[0])
     set_torch_threads(config.torch_threads)
-    # A stop signal during the load waits, blocked, for run_until_signal's handlers, which then
-    # take it as a graceful stop (exit 0); the default action would kill the process. Threads
-    # started while loading inherit the mask, so the signal reaches this thread.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     gc.disable()  # nothing to collect while loading, as in serve_workers
     try:
         server = create_server(model_path, config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -112,6 +113,11 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("mfserve").setLevel(level)
     log = logging.getLogger("mfserve.server")
+    # Stop signals wait, blocked, until the server's handlers exist (run_until_signal, or the
+    # --workers parent, unblock them), so a SIGTERM during the load is a graceful stop rather
+    # than the default kill. Blocked here, before grpc, torch or numba start a thread: a thread
+    # started unblocked would take the process's signal with the default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         from mfserve.server.app import BindError, serve
         from mfserve.server.idle_poll import IdlePollError
