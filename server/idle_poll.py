@@ -108,6 +108,9 @@ def spin(cpu: int, parent: int) -> None:
     if os.getppid() != parent:  # the parent died before the line above took effect
         sys.exit(0)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # `mfserve serve` blocks its stop signals until its handlers exist, and an exec keeps the
+    # mask: unblocked here, or the parent-death SIGTERM above would never arrive.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     os.sched_setaffinity(0, {cpu})
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     while True:
