@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-__all__ = ["IdEncoder", "UnknownIdError"]
+__all__ = ["IdEncoder", "UnknownIdError", "encode_split"]
 
 
 class UnknownIdError(KeyError, ValueError):
@@ -197,3 +197,39 @@ class IdEncoder:
         encoder = cls()
         encoder._set_classes(classes)
         return encoder
+
+
+def encode_split(
+    ids: Iterable[Any],
+    fit_rows: npt.NDArray[np.integer[Any]],
+    other_rows: npt.NDArray[np.integer[Any]],
+) -> tuple[IdEncoder, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """An encoder fitted on ``ids[fit_rows]``, those rows' codes, and ``ids[other_rows]``'s codes
+    (-1 for an id the fit rows never hold): what ``fit`` + ``transform`` + ``codes`` give, in one
+    pass.
+
+    The ids are factorised once and only the distinct ones are normalised to ``str`` and sorted:
+    at 20M ratings the per-row string work of the three calls (hashing 20M Python strings into
+    an object Index) was ~100 s of a training run, this is ~2 s.
+    """
+    if isinstance(ids, str):
+        raise TypeError("ids must be a collection of ids, not a single string")
+    arrays = (np.ndarray, pd.Index, pd.Series, pd.api.extensions.ExtensionArray)
+    values = ids if isinstance(ids, arrays) else pd.Index(list(ids), dtype=object)
+    raw_codes, raw_uniques = pd.factorize(values, use_na_sentinel=True)
+    if len(raw_codes) and raw_codes.min() < 0:
+        raise TypeError("ids must be str, got missing values")
+    # 1 and "1" factorise apart but are one id: merge the uniques that normalise to one text.
+    merged, texts = pd.factorize(_as_str_index(raw_uniques))
+    codes = merged[raw_codes] if len(raw_codes) else np.zeros(0, dtype=np.int64)
+    fit_codes = codes[fit_rows]
+    present = np.zeros(len(texts), dtype=bool)
+    present[fit_codes] = True
+    kept = np.flatnonzero(present)
+    names = np.asarray(texts, dtype=object)[kept]
+    order = np.argsort(names, kind="stable")  # Python str order, as sorted() and LabelEncoder
+    encoder = IdEncoder()
+    encoder._set_classes(names[order].tolist())
+    remap = np.full(len(texts), -1, dtype=np.int64)
+    remap[kept[order]] = np.arange(len(kept), dtype=np.int64)
+    return encoder, remap[fit_codes], remap[codes[other_rows]]

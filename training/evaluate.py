@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mfserve.training.encoders import IdEncoder
+from mfserve.training.encoders import IdEncoder, encode_split
 from mfserve.training.recommender import Recommender
 
 MOVIELENS_RANGE = (0.5, 5.0)
@@ -56,6 +56,18 @@ def rating_metrics(
     return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
 
 
+def _distinct(codes: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting: numpy 2's hash-based unique took 8 s on 16M int64 codes where
+    a sort and a neighbour compare take 1.5 s."""
+    ordered = np.sort(codes)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 @dataclass(frozen=True)
 class Csr:
     """A minimal compressed-row set of item indices per row (no scipy dependency).
@@ -83,7 +95,7 @@ class Csr:
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
         n_cols = int(cols.max()) + 1 if len(cols) else 1
-        codes = np.unique(rows * n_cols + cols)
+        codes = _distinct(rows * n_cols + cols)
         r, c = np.divmod(codes, n_cols)
         indptr = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
@@ -201,12 +213,6 @@ class ProtocolData:
         return int(np.sum((self.test_users < 0) | (self.test_items < 0)))
 
 
-def _codes(encoder: IdEncoder, ids: Sequence[str]) -> np.ndarray:
-    """Codes of ``ids`` under ``encoder``, -1 for the unknown ones."""
-    codes: np.ndarray = encoder.codes(ids)
-    return codes
-
-
 def prepare_protocol(
     user_ids: Sequence[str] | np.ndarray,
     item_ids: Sequence[str] | np.ndarray,
@@ -223,13 +229,9 @@ def prepare_protocol(
         train_rows, test_rows = protocol_split(n, seed, test_fraction)
     else:
         train_rows, test_rows = np.arange(n), np.arange(0)
-    user_ids = np.asarray(user_ids, dtype=object)
-    item_ids = np.asarray(item_ids, dtype=object)
     ratings = np.asarray(ratings, dtype=np.float32)
-    users = IdEncoder().fit(user_ids[train_rows])
-    items = IdEncoder().fit(item_ids[train_rows])
-    tr_u, tr_i = users.transform(user_ids[train_rows]), items.transform(item_ids[train_rows])
-    te_u, te_i = _codes(users, user_ids[test_rows]), _codes(items, item_ids[test_rows])
+    users, tr_u, te_u = encode_split(user_ids, train_rows, test_rows)
+    items, tr_i, te_i = encode_split(item_ids, train_rows, test_rows)
     tr_r, te_r = ratings[train_rows], ratings[test_rows]
     # Relevant items must be scoreable (in the training catalogue); unseen ones can never be hit.
     keep = (te_r >= RELEVANT_THRESHOLD) & (te_u >= 0) & (te_i >= 0)

@@ -41,8 +41,8 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 def protocol_for(data: RatingsData, holdout: float, split_seed: int) -> ProtocolData:
     frame = data.ratings
     return prepare_protocol(
-        frame["user"].to_numpy(dtype=object),
-        frame["item"].to_numpy(dtype=object),
+        frame["user"].array,
+        frame["item"].array,
         frame["rating"].to_numpy(dtype=np.float32),
         seed=split_seed,
         test_fraction=holdout,

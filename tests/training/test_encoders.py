@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sklearn.preprocessing import LabelEncoder
 
-from mfserve.training.encoders import IdEncoder, UnknownIdError
+from mfserve.training.encoders import IdEncoder, UnknownIdError, encode_split
 
 ids_strategy = st.lists(st.text(max_size=6), min_size=1, max_size=40)
 
@@ -136,3 +136,32 @@ def test_codes_maps_unseen_ids_to_minus_one() -> None:
     encoder = IdEncoder().fit(["b", "a", "007"])
     assert encoder.codes(["a", "zz", "007", 7, "b"]).tolist() == [1, -1, 0, -1, 2]
     assert encoder.codes([]).tolist() == []
+
+
+@given(
+    st.lists(st.one_of(st.text(max_size=4), st.integers(-20, 20)), min_size=1, max_size=40),
+    st.integers(0, 2**32 - 1),
+)
+def test_encode_split_is_fit_transform_and_codes(ids: list[object], seed: int) -> None:
+    rows = np.random.default_rng(seed).permutation(len(ids))
+    cut = max(1, len(ids) // 2)
+    fit_rows, other_rows = rows[:cut], rows[cut:]
+    values = np.array(ids, dtype=object)
+    encoder, fit_codes, other_codes = encode_split(values, fit_rows, other_rows)
+    reference = IdEncoder().fit(values[fit_rows])
+    assert encoder == reference
+    assert fit_codes.tolist() == reference.transform(values[fit_rows]).tolist()
+    assert other_codes.tolist() == reference.codes(values[other_rows]).tolist()
+
+
+def test_encode_split_on_pandas_text_merges_int_and_str_and_refuses_missing() -> None:
+    text = pd.array(["b", "é", "Z", "b", "a"], dtype="string")
+    encoder, fit_codes, other_codes = encode_split(text, np.arange(4), np.array([4]))
+    assert encoder.classes == ["Z", "b", "é"]  # Python str order: by code point
+    assert fit_codes.tolist() == [1, 2, 0, 1] and other_codes.tolist() == [-1]
+    encoder, fit_codes, _ = encode_split([1, "1", 2], np.arange(3), np.arange(0))
+    assert encoder.classes == ["1", "2"] and fit_codes.tolist() == [0, 0, 1]
+    with pytest.raises(TypeError, match="missing"):
+        encode_split(pd.array(["a", None], dtype="string"), np.arange(2), np.arange(0))
+    with pytest.raises(TypeError, match="float"):
+        encode_split([1.5, 2.0], np.arange(2), np.arange(0))
