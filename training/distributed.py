@@ -6,11 +6,10 @@ are no-ops and the code is the single-process code):
 
 * Every rank reads the ratings and encodes them (the id maps must agree), then works on its
   shard: in each global batch of the rating head, rank ``r`` takes rows ``r, r + N, ...``.
-* **Rating head**: each rank's loss is its rows' share of the global batch's loss, so the sum
-  of the ranks' gradients is the single-process gradient of the whole batch. Gradients are
-  summed across ranks before every step: dense ones (biases, Adam's) with one all-reduce,
-  SGD's sparse row gradients over the union of the rows the ranks touched (all-gathered), so a
-  step moves what one process would move. The parameters stay identical on every rank.
+* **Rating head**: each rank computes the per-row gradients of its rows of the global batch,
+  the ranks exchange them (two all-gathers a batch: the rows, and their gradients) and every
+  rank applies the whole batch, so a step moves what one process would move and the
+  parameters stay identical on every rank.
 * **Ranking head (iALS)**: each sweep, rank ``r`` solves its contiguous block of users (then of
   items) and the blocks are all-gathered; the CG solve is per row, so this is the single-process
   sweep, split.
@@ -22,7 +21,9 @@ Backend: gloo on CPU, nccl when training on a GPU. Multi-node: torchrun's own re
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,38 +72,41 @@ class Ranks:
         dist.all_gather(parts, padded)
         return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, sizes, strict=True)])
 
-    def sum_grad(self, grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        """A parameter's gradient summed over the ranks: dense with one all-reduce, sparse (the
-        embedding rows a batch looked up) over the union of every rank's rows."""
+    def gather_rows(
+        self, rows: Sequence[torch.Tensor], values: Sequence[torch.Tensor], batch: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every rank's share of a global batch of ``batch`` rows (rank ``r`` holds rows ``r,
+        r + N, ...``), concatenated in rank order: ``rows`` are index vectors, ``values`` tensors
+        with one row per batch row. Two all-gathers, whatever the number of tensors."""
         if not self.active:
-            assert grad is not None
-            return grad
-        device = like.device
-        if grad is None:  # this rank's shard of the batch did not reach the parameter
-            grad = torch.sparse_coo_tensor(
-                torch.empty((1, 0), dtype=torch.long, device=device),
-                torch.empty((0, *like.shape[1:]), device=device),
-                like.shape,
-                check_invariants=False,
-            )
-        if not grad.is_sparse:
-            return self.sum_(grad)
-        grad = grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()
-        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world)]
-        dist.all_gather(counts, torch.tensor([len(rows)], device=device))
-        largest = int(max(c.item() for c in counts))
-        padded = torch.full((largest,), -1, dtype=torch.long, device=device)
-        padded[: len(rows)] = rows
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded)
-        union = torch.unique(torch.cat(gathered))
-        union = union[union >= 0]
-        block = torch.zeros((len(union), *values.shape[1:]), dtype=values.dtype, device=device)
-        block[torch.searchsorted(union, rows)] = values
-        dist.all_reduce(block)
-        # Built from a sorted, distinct union: valid by construction, so no check.
-        return torch.sparse_coo_tensor(union[None], block, like.shape, check_invariants=False)
+            return list(rows), list(values)
+        shares = [len(range(r, batch, self.world)) for r in range(self.world)]
+        largest, mine = max(shares), shares[self.rank]
+        device = values[0].device
+        widths = [math.prod(value.shape[1:]) for value in values]
+        packed_rows = torch.zeros((len(rows), largest), dtype=torch.long, device=device)
+        packed_values = torch.zeros((largest, sum(widths)), device=device)
+        for k, index in enumerate(rows):
+            packed_rows[k, :mine] = index
+        column = 0
+        for value, width in zip(values, widths, strict=True):
+            packed_values[:mine, column : column + width] = value.reshape(mine, width)
+            column += width
+        gathered_rows = self._gather(packed_rows, dim=1, shares=shares)
+        gathered_values = self._gather(packed_values, dim=0, shares=shares)
+        out_values, column = [], 0
+        for value, width in zip(values, widths, strict=True):
+            part = gathered_values[:, column : column + width]
+            out_values.append(part.reshape(-1, *value.shape[1:]))
+            column += width
+        return list(gathered_rows.unbind(0)), out_values
+
+    def _gather(self, packed: torch.Tensor, *, dim: int, shares: list[int]) -> torch.Tensor:
+        parts = [torch.empty_like(packed) for _ in range(self.world)]
+        dist.all_gather(parts, packed.contiguous())
+        return torch.cat(
+            [part.narrow(dim, 0, n) for part, n in zip(parts, shares, strict=True)], dim
+        )
 
     def agree(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (a check only rank 0 makes, such as a writable

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from mfserve.training.fit import FitResult, TrainConfig, fit
+from mfserve.training.rating_head import add_rows, batch_gradients
+from mfserve.training.sparse import implicit_matrices
 
 N_USERS, N_ITEMS = 80, 60
 
@@ -132,3 +134,45 @@ def test_invalid_config_is_rejected() -> None:
         _fit(dataclasses.replace(SMALL, optimizer="lbfgs"))
     with pytest.raises(ValueError):
         _fit(dataclasses.replace(SMALL, val_fraction=1.0))
+
+
+def test_written_out_gradients_are_autograds() -> None:
+    g = torch.Generator().manual_seed(3)
+    pu, qi = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g)
+    b_u, b_i, r = torch.randn(50, generator=g), torch.randn(50, generator=g), torch.rand(50) * 5
+    leaves = [t.clone().requires_grad_() for t in (pu, qi, b_u, b_i)]
+    lp, lq, lbu, lbi = leaves
+    pred = 3.3 + lbu + lbi + (lp * lq).sum(1)
+    loss = ((pred - r) ** 2).sum() + 0.07 * ((lp * lp).sum() + (lq * lq).sum())
+    loss = loss + 0.02 * ((lbu * lbu).sum() + (lbi * lbi).sum())
+    loss.backward()
+    err, *grads = batch_gradients(pu, qi, b_u, b_i, r, 3.3, 0.07, 0.02)
+    assert torch.allclose(err, pred.detach() - r, atol=1e-5)
+    for mine, theirs in zip(grads, leaves, strict=True):
+        assert theirs.grad is not None
+        assert torch.allclose(mine, theirs.grad, atol=1e-4)
+
+
+def test_add_rows_sums_repeated_rows_like_index_add() -> None:
+    rows = torch.tensor([3, 1, 3, 3, 0])
+    values = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    table = torch.zeros(4, 2)
+    add_rows(table, rows, values)
+    assert torch.equal(table, torch.zeros(4, 2).index_add_(0, rows, values))
+    flat = torch.zeros(4)
+    add_rows(flat, rows, values[:, 0])
+    assert flat.tolist() == [8.0, 2.0, 0.0, 10.0]  # row 3: 0 + 4 + 6
+
+
+def test_implicit_matrices_match_the_dense_definition() -> None:
+    users = torch.tensor([0, 0, 1, 2, 2, 2, 0])  # (0, 1) twice: counted once
+    items = torch.tensor([1, 3, 1, 0, 1, 2, 1])
+    s_u, s_u_t, s_i, s_i_t = implicit_matrices(users, items, 4, 5)
+    seen = torch.zeros(4, 5)
+    seen[users, items] = 1.0
+    by_user = seen / seen.sum(1, keepdim=True).clamp_min(1).sqrt()
+    by_item = seen / seen.sum(0, keepdim=True).clamp_min(1).sqrt()
+    assert torch.allclose(s_u.to_dense(), by_user)
+    assert torch.allclose(s_u_t.to_dense(), by_user.T)
+    assert torch.allclose(s_i.to_dense(), by_item.T)
+    assert torch.allclose(s_i_t.to_dense(), by_item)
