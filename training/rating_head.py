@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mfserve.training.config import TrainConfig
 from mfserve.training.distributed import SINGLE, Ranks
-from mfserve.training.sparse import implicit_matrices
+from mfserve.training.sparse import implicit_matrices, row_block
 
 # Rating-visits an epoch may spend refreshing the rating head's implicit sums (two sparse
 # matmuls over every rating a refresh, ~50M a second here): 32 refreshes an epoch at 1M ratings,
@@ -190,7 +190,22 @@ def fit_rating_head(
         # Row-normalised |N|^-1/2 indicator matrices as CSR: one sparse matmul folds the
         # implicit sums for every user (item), ~50x faster than index_add on CPU.
         s_u, s_u_t, s_i, s_i_t = implicit_matrices(u, i, n_users, n_items)
-        imp_u, imp_i = s_u @ y, s_i @ z
+        # Under torchrun each rank multiplies its block of rows and the blocks are gathered, so
+        # the sparse products over every rating are split, not repeated on every rank.
+        users_lo, users_hi = ranks.block(n_users)
+        items_lo, items_hi = ranks.block(n_items)
+        s_u, s_i_t = row_block(s_u, users_lo, users_hi), row_block(s_i_t, users_lo, users_hi)
+        s_i, s_u_t = row_block(s_i, items_lo, items_hi), row_block(s_u_t, items_lo, items_hi)
+
+        def by_users(product: torch.Tensor) -> torch.Tensor:
+            gathered: torch.Tensor = ranks.gather_blocks(product, n_users)
+            return gathered
+
+        def by_items(product: torch.Tensor) -> torch.Tensor:
+            gathered: torch.Tensor = ranks.gather_blocks(product, n_items)
+            return gathered
+
+        imp_u, imp_i = by_users(s_u @ y), by_items(s_i @ z)
         p += imp_u
         q += imp_i
     updates = _Updates(tables, config)
@@ -250,9 +265,9 @@ def fit_rating_head(
                 add_rows(grad_i, rows_i, g_q)
                 since += 1
                 if (batch + 1) % window == 0 or batch + 1 == n_batches:
-                    updates.step_dense(y, (s_u_t @ grad_u).div_(since), stop - start)
-                    updates.step_dense(z, (s_i_t @ grad_i).div_(since), stop - start)
-                    fresh_u, fresh_i = s_u @ y, s_i @ z
+                    updates.step_dense(y, by_items(s_u_t @ grad_u).div_(since), stop - start)
+                    updates.step_dense(z, by_users(s_i_t @ grad_i).div_(since), stop - start)
+                    fresh_u, fresh_i = by_users(s_u @ y), by_items(s_i @ z)
                     p += fresh_u.sub(imp_u)
                     q += fresh_i.sub(imp_i)
                     imp_u, imp_i = fresh_u, fresh_i

@@ -1,7 +1,7 @@
-"""The answers of the release before the scoring move (e58cfdf), pinned: the bundled model trained
-by the default recipe (deterministic: the same bytes every time) must answer TopK, SimilarItems and
-BatchPredict exactly as that release's server did, whether the calls come one by one or all at
-once (batched). ``pin_answers.py`` wrote the file against that release.
+"""Pinned answers: the bundled model trained by the default recipe (deterministic: the same bytes
+every time) must answer TopK and SimilarItems exactly as the release before the scoring move
+(e58cfdf) did, and BatchPredict as the rating head of 55e8006 does, whether the calls come one by
+one or all at once (batched). ``pin_answers.py`` says how the file was written.
 
 Item lists must match exactly and scores to float32 rounding (1e-5), except that two items whose
 scores lie within that of each other may swap places (the kernels and BLAS add in other orders).
